@@ -1,0 +1,104 @@
+"""bnbook: batch normalization from scratch, in NumPy and PyTorch.
+
+The package behind the bnbook textbook. Every chapter starts with :func:`setup_notebook`;
+the from-scratch layers live in :mod:`bnbook.numpy` and :mod:`bnbook.torch`.
+
+>>> import bnbook
+>>> bnbook.setup_notebook(seed=0)
+>>> import bnbook.numpy as bnp
+>>> import numpy as np
+>>> y, cache = bnp.batch_norm_forward(np.arange(8.0).reshape(4, 2), np.ones(2), np.zeros(2))
+>>> y.shape
+(4, 2)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+__all__ = ["setup_notebook", "seed_everything", "default_device", "progress", "__version__"]
+__version__ = "0.1.0"
+
+T = TypeVar("T")
+
+
+def seed_everything(seed: int = 0) -> None:
+    """Seed Python's, NumPy's and torch's random number generators with ``seed``."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - seeds the legacy global generator readers may use
+    torch.manual_seed(seed)
+
+
+def setup_notebook(seed: int = 0, threads: int = 1) -> None:
+    """Make a chapter reproducible and give it the book's look.
+
+    Seeds Python, NumPy and torch; turns on torch's deterministic algorithms; fixes the number of
+    threads of torch and of NumPy's BLAS (one by default, so results do not depend on the machine and
+    two chapters can run side by side on two cores); sets NumPy's print precision; applies the shared
+    plot style (:func:`bnbook.plotting.apply_style`).
+
+    Parameters
+    ----------
+    seed : int
+        Seed for every random number generator.
+    threads : int
+        Threads for torch's intra-op pool and for BLAS.
+    """
+    import numpy as np
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        pass
+    torch.use_deterministic_algorithms(True)
+    seed_everything(seed)
+    np.set_printoptions(precision=4, suppress=True, linewidth=100)
+    torch.set_printoptions(precision=4, sci_mode=False, linewidth=100)
+
+    from bnbook.plotting import apply_style
+
+    apply_style()
+
+
+def default_device():
+    """The device experiments run on: CUDA when present, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _interactive() -> bool:
+    """True when a person is watching: a terminal, or a notebook kernel not run by a test/executor."""
+    if os.environ.get("BNBOOK_QUIET") or os.environ.get("CI"):
+        return False
+    if "pytest" in sys.modules or "nbval" in sys.modules:
+        return False
+    return (
+        sys.stderr.isatty() or "ipykernel" in sys.modules and not os.environ.get("BNBOOK_EXECUTE")
+    )
+
+
+def progress(iterable: Iterable[T], **tqdm_kwargs) -> Iterator[T]:
+    """Wrap ``iterable`` in a ``tqdm.auto`` progress bar when run interactively.
+
+    Long runs (the ``FULL = True`` versions of experiments) show a bar; executed or tested notebooks
+    (``make execute`` sets ``BNBOOK_EXECUTE=1``; nbval, CI) stay quiet, so stored outputs do not vary.
+    """
+    from tqdm.auto import tqdm
+
+    tqdm_kwargs.setdefault("disable", not _interactive())
+    return iter(tqdm(iterable, **tqdm_kwargs))

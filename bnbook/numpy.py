@@ -1,0 +1,471 @@
+"""Batch normalization from scratch in NumPy: the forward/backward pair and a stateful layer.
+
+The forward pass is equations (1)–(4) of the source article (labels ``eq-bn-mean`` … ``eq-bn-scale-shift``,
+derived in chapter ``ch-transform``); the backward pass is the compact closed form derived in chapter
+``ch-backprop``:
+
+.. math::
+
+    \\frac{\\partial \\ell}{\\partial x_i} = \\frac{\\gamma}{m\\sqrt{\\sigma_B^2+\\epsilon}}
+    \\Big(m\\,\\frac{\\partial \\ell}{\\partial y_i} - \\sum_j \\frac{\\partial \\ell}{\\partial y_j}
+    - \\hat x_i \\sum_j \\frac{\\partial \\ell}{\\partial y_j}\\hat x_j\\Big).
+
+Statistics are per channel (axis 1) over every other axis, so ``x`` may be ``(N, C)`` (a dense layer)
+or ``(N, C, *spatial)`` (a convolution: the effective mini-batch is ``m = N * prod(spatial)``).
+
+The code is written for speed as well as clarity: per-channel sums go through BLAS matrix–vector
+products, and large tensors are processed a block of samples at a time so that temporaries stay in
+cache. The variance is computed in two passes (never as ``E[x^2] - E[x]^2``, which cancels
+catastrophically in floating point).
+
+>>> import numpy as np
+>>> from bnbook.numpy import batch_norm_forward, batch_norm_backward
+>>> x = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 4, 5, 5))
+>>> y, cache = batch_norm_forward(x, gamma=np.ones(4), beta=np.zeros(4))
+>>> y.shape, np.round(y.mean(axis=(0, 2, 3)), 6) + 0.0
+((8, 4, 5, 5), array([0., 0., 0., 0.]))
+>>> dx, dgamma, dbeta = batch_norm_backward(np.ones_like(y), cache)
+>>> dx.shape, dgamma.shape, dbeta.shape
+((8, 4, 5, 5), (4,), (4,))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from bnbook._checks import (
+    ChannelMismatchError,
+    DtypeError,
+    check_eps,
+    check_momentum,
+    check_num_features,
+    check_training_size,
+    shape_str,
+)
+
+__all__ = [
+    "BNCache",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "batch_norm_inference",
+    "BatchNorm",
+]
+
+# Process this many elements per block: big enough to amortise Python overhead, small enough
+# (1 MiB of float32) that a block's temporaries stay in the L2/L3 cache.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+class BNCache(NamedTuple):
+    """What the backward pass needs from the forward pass.
+
+    The input is kept by reference (not copied, to save memory traffic): do not modify ``x`` in
+    place between the forward and the backward pass.
+    """
+
+    x: np.ndarray  #: the input, shape (N, C, *spatial)
+    mean: np.ndarray  #: per-channel batch mean μ_B, shape (C,)
+    var: np.ndarray  #: per-channel biased batch variance σ²_B, shape (C,)
+    invstd: np.ndarray  #: 1 / sqrt(σ²_B + ε), shape (C,)
+    gamma: np.ndarray  #: the scale γ used, shape (C,)
+    eps: float
+
+    @property
+    def x_hat(self) -> np.ndarray:
+        """The normalised input x̂ (equation 3), recomputed on demand."""
+        x3, _ = _as_ncl(self.x)
+        return ((x3 - self.mean[:, None]) * self.invstd[:, None]).reshape(self.x.shape)
+
+    @property
+    def m(self) -> int:
+        """Values per channel that the statistics were computed over: N · prod(spatial)."""
+        return self.x.size // self.x.shape[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_x(x, name: str = "x") -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype.kind != "f":
+        raise DtypeError(
+            f"{name} must be a floating-point array, got dtype {x.dtype}; convert it explicitly, "
+            f"e.g. {name}.astype(np.float32)"
+        )
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have shape (N, C) or (N, C, *spatial) with at least 2 dimensions, "
+            f"got {x.ndim}D array of shape {shape_str(x.shape)}"
+        )
+    return x
+
+
+def _check_param(p, name: str, x: np.ndarray) -> np.ndarray:
+    p = np.asarray(p)
+    channels = x.shape[1]
+    if p.shape != (channels,):
+        raise ChannelMismatchError(
+            f"{name} must have shape (C,) = ({channels},) to match x of shape {shape_str(x.shape)}, "
+            f"got shape {shape_str(p.shape)}"
+        )
+    return p.astype(x.dtype, copy=False)
+
+
+def _as_ncl(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """View ``x`` (N, C, *spatial) as (N, C, L); copies only if ``x`` is not C-contiguous."""
+    n, c = x.shape[:2]
+    length = math.prod(x.shape[2:])
+    return np.ascontiguousarray(x).reshape(n, c, length), length
+
+
+def _blocks(n: int, per_sample: int):
+    """Slices over the batch axis, each holding about ``_BLOCK_ELEMENTS`` elements."""
+    step = max(1, _BLOCK_ELEMENTS // max(per_sample, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def _channel_sum(x3: np.ndarray) -> np.ndarray:
+    """Per-channel sum of an (N, C, L) array, through BLAS (much faster than ``sum(axis=(0, 2))``)."""
+    n, c, length = x3.shape
+    if length == 1:
+        return x3[:, :, 0].sum(axis=0)
+    ones = np.ones(length, dtype=x3.dtype)
+    return (x3.reshape(n * c, length) @ ones).reshape(n, c).sum(axis=0)
+
+
+def _centered_stats(x3: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Second pass: per-channel sum of (x − μ) and of (x − μ)², a block of samples at a time.
+
+    The sum of (x − μ) is zero in exact arithmetic; in floating point it measures the error of the
+    first-pass mean, and the "corrected two-pass" algorithm of Chan, Golub and LeVeque uses it to
+    remove that error from the variance and from the mean.
+    """
+    n, c, length = x3.shape
+    total = np.zeros(c, dtype=x3.dtype)
+    total_sq = np.zeros(c, dtype=x3.dtype)
+    for block in _blocks(n, c * length):
+        centered = x3[block] - mean[:, None]
+        total += _channel_sum(centered)
+        total_sq += np.vecdot(centered, centered).sum(axis=0)
+    return total, total_sq
+
+
+# --------------------------------------------------------------------------------------------
+# The functional pair
+# --------------------------------------------------------------------------------------------
+
+
+def batch_norm_forward(
+    x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float = 1e-5
+) -> tuple[np.ndarray, BNCache]:
+    """Normalise ``x`` with its own batch statistics, then scale and shift (training mode).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, C) or (N, C, *spatial)
+        Floating-point input; statistics are per channel (axis 1) over every other axis.
+    gamma, beta : ndarray, shape (C,)
+        Scale γ and shift β (equation 4).
+    eps : float
+        ε > 0 added to the variance (equation 3).
+
+    Returns
+    -------
+    y : ndarray, same shape and dtype as ``x``
+        γ x̂ + β.
+    cache : BNCache
+        What :func:`batch_norm_backward` needs.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a floating-point array (:class:`bnbook._checks.DtypeError`).
+    ValueError
+        ``x`` has fewer than 2 dimensions, one value per channel, a ``gamma``/``beta`` whose shape is
+        not ``(C,)``, or ``eps <= 0``.
+
+    References
+    ----------
+    Equations (1)–(4) of the source article; chapter ``ch-transform``.
+    """
+    x = _check_x(x)
+    gamma = _check_param(gamma, "gamma", x)
+    beta = _check_param(beta, "beta", x)
+    check_eps(eps)
+    check_training_size(x.shape)
+
+    x3, _ = _as_ncl(x)
+    m = x.size // x.shape[1]
+    mean = _channel_sum(x3) / m  # (1)
+    residual, sum_sq = _centered_stats(x3, mean)
+    var = np.maximum((sum_sq - residual * residual / m) / m, 0)  # (2), biased
+    mean = mean + residual / m  # the same correction for μ itself
+    invstd = 1.0 / np.sqrt(var + eps)  # the 1/sqrt(σ² + ε) of (3)
+
+    # (3) and (4) as one multiply per element: y = (x − μ)·a + β with a = γ/sqrt(σ² + ε) per channel.
+    # Subtracting μ before scaling keeps float32 accurate for inputs far from zero.
+    scale = (gamma * invstd).astype(x.dtype, copy=False)
+    y = np.empty_like(x3)
+    for block in _blocks(x3.shape[0], x3.shape[1] * x3.shape[2]):
+        out = y[block]
+        np.subtract(x3[block], mean[:, None], out=out)
+        out *= scale[:, None]
+        out += beta[:, None]
+    cache = BNCache(x=x, mean=mean, var=var, invstd=invstd, gamma=gamma, eps=float(eps))
+    return y.reshape(x.shape), cache
+
+
+def batch_norm_backward(
+    dy: np.ndarray, cache: BNCache
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of the loss with respect to ``x``, ``gamma`` and ``beta``, given ∂ℓ/∂y.
+
+    Uses the compact closed form (chapter ``ch-backprop``): two per-channel reductions, then one
+    elementwise pass,
+
+    ``dx = γ/(m σ) · (m·dy − Σ dy − x̂ · Σ dy·x̂)``,   ``dγ = Σ dy·x̂``,   ``dβ = Σ dy``.
+
+    Parameters
+    ----------
+    dy : ndarray, same shape as the forward input
+        Upstream gradient ∂ℓ/∂y.
+    cache : BNCache
+        From :func:`batch_norm_forward`.
+
+    Returns
+    -------
+    dx : ndarray, same shape as ``dy``
+    dgamma, dbeta : ndarray, shape (C,)
+
+    Raises
+    ------
+    ValueError
+        ``dy`` does not have the shape of the forward input.
+    """
+    dy = np.asarray(dy)
+    x = cache.x
+    if dy.shape != x.shape:
+        raise ValueError(
+            f"dy must have the shape of the forward input {shape_str(x.shape)}, "
+            f"got {shape_str(dy.shape)}"
+        )
+    dy = dy.astype(x.dtype, copy=False)
+    x3, length = _as_ncl(x)
+    dy3, _ = _as_ncl(dy)
+    n, c, _ = x3.shape
+    m = n * length
+    mean, invstd = cache.mean, cache.invstd
+
+    # Per-channel Σ dy and Σ dy·(x − μ), a block at a time; Σ dy·x̂ = invstd · Σ dy·(x − μ).
+    sum_dy = np.zeros(c, dtype=x.dtype)
+    sum_dy_xc = np.zeros(c, dtype=x.dtype)
+    for block in _blocks(n, c * length):
+        sum_dy += _channel_sum(dy3[block])
+        centered = x3[block] - mean[:, None]
+        sum_dy_xc += np.vecdot(dy3[block], centered).sum(axis=0)
+    dbeta = sum_dy
+    dgamma = sum_dy_xc * invstd
+
+    # dx = k·dy + j·(x − μ) + h with per-channel k = γσ⁻¹, j = −k σ⁻¹ dγ / m, h = −k dβ / m.
+    k = cache.gamma * invstd
+    j = -k * invstd * dgamma / m
+    h = -k * dbeta / m
+    dx = np.empty_like(x3)
+    for block in _blocks(n, c * length):
+        out = dx[block]
+        np.subtract(x3[block], mean[:, None], out=out)
+        out *= j[:, None]
+        out += h[:, None]
+        out += dy3[block] * k[:, None]
+    return dx.reshape(x.shape), dgamma, dbeta
+
+
+def batch_norm_inference(
+    x: np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    eps: float = 1e-5,
+) -> np.ndarray:
+    """Inference-mode batch norm: one fixed affine map per channel, y = γ (x − μ) / sqrt(σ² + ε) + β.
+
+    Shapes as in :func:`batch_norm_forward`; ``running_mean`` and ``running_var`` have shape (C,).
+    """
+    x = _check_x(x)
+    gamma = _check_param(gamma, "gamma", x)
+    beta = _check_param(beta, "beta", x)
+    running_mean = _check_param(running_mean, "running_mean", x)
+    running_var = _check_param(running_var, "running_var", x)
+    check_eps(eps)
+    scale = gamma / np.sqrt(running_var + eps)
+    shift = beta - scale * running_mean
+    x3, _ = _as_ncl(x)
+    return (x3 * scale[:, None] + shift[:, None]).reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# The stateful layer
+# --------------------------------------------------------------------------------------------
+
+
+class BatchNorm:
+    """A NumPy batch-norm layer with running statistics, mirroring ``torch.nn.BatchNorm*d``.
+
+    Same arguments, attribute names and conventions as PyTorch: ``momentum`` is the weight of the *new*
+    batch statistic (``running = (1 − momentum) · running + momentum · batch``), ``momentum=None``
+    gives the cumulative average, ``running_var`` is the *unbiased* variance while training normalises
+    with the biased one, and ``training`` (set by :meth:`train` / :meth:`eval`) selects batch or running
+    statistics.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (axis 1 of the input).
+    eps : float
+        ε > 0.
+    momentum : float or None
+        In [0, 1], or None for a cumulative moving average.
+    affine : bool
+        Learn γ (``weight``) and β (``bias``); otherwise γ = 1, β = 0.
+    track_running_stats : bool
+        Keep ``running_mean``/``running_var``; if False, batch statistics are used in both modes.
+    dtype : numpy dtype
+        Dtype of parameters and buffers.
+
+    Attributes
+    ----------
+    weight, bias : ndarray (C,) or None
+    running_mean, running_var : ndarray (C,) or None
+    num_batches_tracked : int or None
+    grad_weight, grad_bias : ndarray (C,) or None
+        Set by :meth:`backward`.
+
+    >>> layer = BatchNorm(3)
+    >>> x = np.random.default_rng(0).normal(size=(16, 3, 4, 4))
+    >>> layer(x).shape, layer.num_batches_tracked
+    ((16, 3, 4, 4), 1)
+    >>> layer.backward(np.ones_like(x)).shape
+    (16, 3, 4, 4)
+    >>> layer.eval()(x[:1]).shape
+    (1, 3, 4, 4)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        dtype=np.float64,
+    ) -> None:
+        check_num_features(num_features)
+        check_eps(eps)
+        check_momentum(momentum)
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.dtype = np.dtype(dtype)
+        self.weight = np.ones(num_features, self.dtype) if affine else None
+        self.bias = np.zeros(num_features, self.dtype) if affine else None
+        if track_running_stats:
+            self.running_mean = np.zeros(num_features, self.dtype)
+            self.running_var = np.ones(num_features, self.dtype)
+            self.num_batches_tracked: int | None = 0
+        else:
+            self.running_mean = self.running_var = None
+            self.num_batches_tracked = None
+        self.training = True
+        self.grad_weight: np.ndarray | None = None
+        self.grad_bias: np.ndarray | None = None
+        self._cache: BNCache | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats})"
+        )
+
+    def train(self, mode: bool = True) -> BatchNorm:
+        """Use batch statistics (and update the running ones) if ``mode``; returns ``self``."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> BatchNorm:
+        """Use the running statistics; returns ``self``."""
+        return self.train(False)
+
+    def _gamma_beta(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.affine:
+            return self.weight, self.bias
+        return np.ones(self.num_features, self.dtype), np.zeros(self.num_features, self.dtype)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalise ``x`` of shape (N, C, *spatial); in training mode also update running statistics."""
+        x = _check_x(x)
+        if x.shape[1] != self.num_features:
+            raise ChannelMismatchError(
+                f"x must have shape (N, {self.num_features}, *spatial) for num_features="
+                f"{self.num_features}, got {shape_str(x.shape)}"
+            )
+        gamma, beta = self._gamma_beta()
+        use_batch_stats = self.training or not self.track_running_stats
+        if use_batch_stats:
+            y, cache = batch_norm_forward(x, gamma, beta, self.eps)
+            if self.training and self.track_running_stats:
+                self._update_running_stats(cache)
+        else:
+            mean = self.running_mean.astype(x.dtype)
+            var = self.running_var.astype(x.dtype)
+            invstd = 1.0 / np.sqrt(var + self.eps)
+            cache = BNCache(x, mean, var, invstd, gamma.astype(x.dtype), self.eps)
+            y = batch_norm_inference(x, gamma, beta, mean, var, self.eps)
+        self._cache = cache
+        self._batch_stats = use_batch_stats
+        return y
+
+    __call__ = forward
+
+    def _update_running_stats(self, cache: BNCache) -> None:
+        self.num_batches_tracked += 1
+        factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        m = cache.m
+        unbiased = cache.var * (m / (m - 1))
+        self.running_mean = (1 - factor) * self.running_mean + factor * cache.mean
+        self.running_var = (1 - factor) * self.running_var + factor * unbiased
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        """Return ∂ℓ/∂x for the last :meth:`forward`; store ∂ℓ/∂γ and ∂ℓ/∂β in ``grad_weight``/``grad_bias``.
+
+        In training mode the statistics depend on x and the full closed form applies; with running
+        statistics the layer is a fixed affine map and ∂ℓ/∂x = γ σ⁻¹ ∂ℓ/∂y.
+        """
+        if self._cache is None:
+            raise RuntimeError("backward() called before forward()")
+        cache = self._cache
+        if self._batch_stats:
+            dx, dgamma, dbeta = batch_norm_backward(dy, cache)
+        else:
+            dy = np.asarray(dy)
+            if dy.shape != cache.x.shape:
+                raise ValueError(
+                    f"dy must have the shape of the forward input {shape_str(cache.x.shape)}, "
+                    f"got {shape_str(dy.shape)}"
+                )
+            dy3, _ = _as_ncl(dy)
+            x_hat3, _ = _as_ncl(cache.x_hat)
+            dbeta = _channel_sum(dy3)
+            dgamma = np.vecdot(dy3, x_hat3).sum(axis=0)
+            dx = (dy3 * (cache.gamma * cache.invstd)[:, None]).reshape(dy.shape)
+        if self.affine:
+            self.grad_weight, self.grad_bias = dgamma, dbeta
+        return dx

@@ -1,0 +1,478 @@
+"""Drop-in twins of ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.functional.batch_norm``.
+
+Written on ``torch.nn.Module`` with the book's own formulas (equations (1)–(4) forward, the compact
+closed form backward of chapter ``ch-backprop``) and a hand-written ``torch.autograd.Function``;
+nothing here calls torch's batch-norm modules or functions. Constructor arguments, parameter and
+buffer names, ``state_dict`` layout, train/eval behaviour, ``momentum=None``, ``affine=False``,
+``bias=False``, ``track_running_stats=False`` and ``num_batches_tracked`` all follow PyTorch, so a
+state dict loads either way and outputs match to rounding.
+
+>>> import torch
+>>> from bnbook.torch import BatchNorm2d
+>>> bn = BatchNorm2d(3)
+>>> x = torch.randn(8, 3, 5, 5)
+>>> bn(x).shape, int(bn.num_batches_tracked)
+(torch.Size([8, 3, 5, 5]), 1)
+>>> ref = torch.nn.BatchNorm2d(3)
+>>> _ = ref.load_state_dict(bn.state_dict())
+>>> bool(torch.allclose(ref.eval()(x), bn.eval()(x), atol=1e-6))
+True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from bnbook._checks import (
+    DtypeError,
+    check_channels,
+    check_eps,
+    check_momentum,
+    check_num_features,
+    check_training_size,
+    shape_str,
+)
+
+__all__ = [
+    "BatchNormFunction",
+    "batch_norm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+]
+
+
+def _as_ncl(x: Tensor) -> Tensor:
+    """(N, C, *spatial) as a contiguous (N, C, L): a view when ``x`` is contiguous."""
+    return x.contiguous().view(x.shape[0], x.shape[1], -1)
+
+
+# Spatial inputs are processed a block of samples at a time, about this many elements per block
+# (1 MiB of float32), so that temporaries stay in cache instead of costing a full-size allocation.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _blocks(t: Tensor):
+    n, c, length = t.shape
+    step = max(1, _BLOCK_ELEMENTS // (c * length))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Per-channel sum of an (N, C, L) tensor, L > 1.
+
+    A matrix–vector product with a ones vector over the contiguous last axis, then a sum over N:
+    several times faster on the CPU than ``t.sum(dim=(0, 2))``.
+    """
+    n, c, length = t.shape
+    return torch.mv(t.reshape(n * c, length), t.new_ones(length)).view(n, c).sum(0)
+
+
+def _spatial_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of an (N, C, L) tensor in two passes.
+
+    Never E[x²] − E[x]²: μ first, then the mean square of x − μ, a block at a time. The residual
+    Σ(x − μ), zero in exact arithmetic, measures the rounding error of μ; it corrects both μ and σ²
+    (the corrected two-pass algorithm of Chan, Golub and LeVeque).
+    """
+    m = x3.shape[0] * x3.shape[2]
+    mean = _channel_sum(x3) / m  # (1)
+    residual = torch.zeros_like(mean)
+    sum_sq = torch.zeros_like(mean)
+    for block in _blocks(x3):
+        centered = x3[block] - mean[:, None]
+        residual += _channel_sum(centered)
+        sum_sq += torch.linalg.vecdot(centered, centered).sum(0)
+    var = ((sum_sq - residual * residual / m) / m).clamp_(min=0)  # (2), biased
+    return mean + residual / m, var
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """Batch norm with batch statistics, forward and hand-derived backward.
+
+    ``y, mean, var = BatchNormFunction.apply(x, weight, bias, eps)`` with ``x`` of shape
+    (N, C, *spatial), ``weight``/``bias`` of shape (C,) or None; ``mean`` and ``var`` (biased) are
+    returned, as non-differentiable outputs, for the running-statistics update.
+
+    Backward (chapter ``ch-backprop``), with σ = sqrt(σ²_B + ε) and m values per channel::
+
+        dx = γ/(m σ) (m dy − Σ dy − x̂ Σ dy x̂),   dγ = Σ dy x̂,   dβ = Σ dy
+
+    A dense (N, C) input saves x̂; a spatial input saves x and recomputes x − μ block by block, which
+    moves less memory than a full-size x̂ would.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        x3 = _as_ncl(x)
+        n, c, length = x3.shape
+        ctx.dense = length == 1
+        if ctx.dense:
+            x2 = x3[:, :, 0]
+            var, mean = torch.var_mean(x2, dim=0, correction=0)  # Welford: (1) and (2)
+            invstd = torch.rsqrt(var + eps)
+            x_hat = (x2 - mean).mul_(invstd)  # (3)
+            if weight is not None:
+                y = torch.addcmul(bias, x_hat, weight) if bias is not None else x_hat * weight
+            else:
+                y = x_hat + bias if bias is not None else x_hat.clone()
+            ctx.save_for_backward(x_hat, mean, invstd, weight)
+        else:
+            mean, var = _spatial_stats(x3)
+            invstd = torch.rsqrt(var + eps)
+            # (3) and (4): y = (x − μ)·a + β, a = γ/σ per channel; x − μ first keeps float32 accurate.
+            scale = invstd if weight is None else invstd * weight
+            y3 = torch.empty_like(x3)
+            for block in _blocks(x3):
+                out = y3[block]
+                torch.sub(x3[block], mean[:, None], out=out)
+                out.mul_(scale[:, None])
+                if bias is not None:
+                    out.add_(bias[:, None])
+            y = y3
+            ctx.save_for_backward(x3, mean, invstd, weight)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        return y.view(x.shape), mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor, _dmean, _dvar):
+        saved, mean, invstd, weight = ctx.saved_tensors
+        shape = dy.shape
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        k = invstd if weight is None else weight * invstd
+        dx = None
+        if ctx.dense:
+            x_hat, dy2 = saved, dy.contiguous().view_as(saved)
+            m = dy2.shape[0]
+            sum_dy = dy2.sum(0)
+            sum_dy_xhat = torch.linalg.vecdot(dy2.t(), x_hat.t())
+            if need_dx:
+                # dx = k·dy − (k Σdy x̂ / m)·x̂ − k Σdy / m: two passes over one new tensor
+                dx = torch.addcmul(-k * sum_dy / m, x_hat, -k * sum_dy_xhat / m)
+                dx.addcmul_(dy2, k)
+        else:
+            x3, dy3 = saved, _as_ncl(dy)
+            m = dy3.shape[0] * dy3.shape[2]
+            sum_dy = _channel_sum(dy3)
+            sum_dy_xc = torch.zeros_like(mean)
+            for block in _blocks(x3):
+                sum_dy_xc += torch.linalg.vecdot(dy3[block], x3[block] - mean[:, None]).sum(0)
+            sum_dy_xhat = sum_dy_xc * invstd
+            if need_dx:
+                # dx = k·dy + j·(x − μ) + h, per channel j = −k σ⁻¹ Σdy x̂ / m, h = −k Σdy / m
+                j = (-k * invstd * sum_dy_xhat / m)[:, None]
+                h = (-k * sum_dy / m)[:, None]
+                dx = torch.empty_like(x3)
+                for block in _blocks(x3):
+                    out = dx[block]
+                    torch.sub(x3[block], mean[:, None], out=out)
+                    out.mul_(j).add_(h).addcmul_(dy3[block], k[:, None])
+        if dx is not None:
+            dx = dx.view(shape)
+        dw = sum_dy_xhat if (need_dw and weight is not None) else None
+        db = sum_dy if (need_db and ctx.has_bias) else None
+        return dx, dw, db, None
+
+
+def _check_input(input: Tensor, name: str = "input") -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise DtypeError(
+            f"{name} must be a floating-point tensor, got dtype {input.dtype}; convert it "
+            f"explicitly, e.g. {name}.float()"
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            f"{name} must have shape (N, C) or (N, C, *spatial), got {input.dim()}D input of shape "
+            f"{shape_str(input.shape)}"
+        )
+
+
+def _eval_transform(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """y = (x − μ) γ / sqrt(σ² + ε) + β with fixed statistics: one affine map per channel.
+
+    Written with differentiable tensor operations, so autograd gives dx = γ/σ · dy, dγ = Σ dy x̂,
+    dβ = Σ dy (and no gradient flows into the statistics, which are buffers).
+    """
+    x3 = _as_ncl(x)
+    scale = torch.rsqrt(var.detach() + eps)
+    if weight is not None:
+        scale = scale * weight
+    y = (x3 - mean.detach()[:, None]) * scale[:, None]
+    if bias is not None:
+        y = y + bias[:, None]
+    return y.view(x.shape)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalization, with the signature and results of ``torch.nn.functional.batch_norm``.
+
+    Parameters
+    ----------
+    input : Tensor, shape (N, C) or (N, C, *spatial)
+    running_mean, running_var : Tensor (C,) or None
+        In training mode, updated in place when given (``running_var`` with the unbiased variance);
+        in evaluation mode, the statistics to normalise with (required).
+    weight, bias : Tensor (C,) or None
+        γ and β.
+    training : bool
+        Normalise with batch statistics (and update running ones) if True.
+    momentum : float
+        Weight of the new batch statistic in the running average.
+    eps : float
+        ε > 0.
+
+    Returns
+    -------
+    Tensor, same shape as ``input``.
+
+    Raises
+    ------
+    ValueError
+        ``input`` with fewer than 2 dimensions, or one value per channel in training; ``eps`` not
+        positive.
+    RuntimeError
+        Missing running statistics in evaluation mode; a per-channel tensor whose length is not C
+        (:class:`bnbook._checks.ChannelMismatchError`, also a ValueError).
+    TypeError
+        Non-floating input (:class:`bnbook._checks.DtypeError`, also a RuntimeError).
+    """
+    _check_input(input)
+    if training:
+        check_training_size(input.shape)
+    check_eps(eps)
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if t is not None:
+            check_channels(name, t.numel(), input.shape)
+    if not training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(
+                    f"{name} must be defined in evaluation mode: pass a tensor of shape "
+                    f"({input.shape[1]},), or training=True to use batch statistics"
+                )
+        return _eval_transform(input, running_mean, running_var, weight, bias, eps)
+
+    y, mean, var = BatchNormFunction.apply(input, weight, bias, float(eps))
+    if running_mean is not None or running_var is not None:
+        m = input.numel() // input.shape[1]
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            if running_var is not None:
+                unbiased = var * (m / (m - 1))
+                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return y
+
+
+class _BatchNorm(nn.Module):
+    """Common code of :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`."""
+
+    _version = 2
+    _input_dims: tuple[int, ...] = ()
+    _shape_hint = ""
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        check_num_features(num_features)
+        check_eps(eps)
+        check_momentum(momentum)
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, ``num_batches_tracked`` 0."""
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, γ to 1 and β to 0."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # State dicts saved before num_batches_tracked existed (version < 2) load with a count of 0.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = (
+                self.num_batches_tracked
+                if self.num_batches_tracked is not None
+                and self.num_batches_tracked.device != torch.device("meta")
+                else torch.tensor(0, dtype=torch.long)
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in self._input_dims:
+            expected = " or ".join(f"{d}D" for d in self._input_dims)
+            raise ValueError(
+                f"expected {expected} input (got {input.dim()}D input): {type(self).__name__}'s "
+                f"input must have shape {self._shape_hint} with C = {self.num_features}, "
+                f"got {shape_str(input.shape)}"
+            )
+        _check_input(input)
+        check_channels(
+            "running_mean" if self.track_running_stats else "weight", self.num_features, input.shape
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training mode, and in eval mode when there are no running statistics.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Running statistics are passed only to be updated (training) or used (eval).
+        track = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over a (N, C) or (N, C, L) input; drop-in twin of ``torch.nn.BatchNorm1d``.
+
+    Parameters
+    ----------
+    num_features : int
+        C.
+    eps : float
+        ε > 0 (default 1e-5).
+    momentum : float or None
+        Weight of the new batch statistic in the running average, in [0, 1]; None for the
+        cumulative average (default 0.1).
+    affine : bool
+        Learn γ (``weight``) and β (``bias``) (default True).
+    track_running_stats : bool
+        Keep ``running_mean``, ``running_var`` (unbiased) and ``num_batches_tracked``; if False,
+        batch statistics are used in training and evaluation (default True).
+    device, dtype
+        Of parameters and buffers.
+    bias : bool, keyword-only
+        Learn β (default True); as in ``torch.nn``.
+
+    Shape
+    -----
+    Input (N, C) or (N, C, L); output the same.
+
+    Raises
+    ------
+    ValueError
+        Wrong number of dimensions; one value per channel in training; bad ``eps``/``momentum``.
+    RuntimeError
+        Channel count ≠ ``num_features`` (also a ValueError).
+    """
+
+    _input_dims = (2, 3)
+    _shape_hint = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over a (N, C, H, W) input, per channel over (N, H, W); twin of ``torch.nn.BatchNorm2d``.
+
+    Arguments, errors and behaviour as :class:`BatchNorm1d`.
+    """
+
+    _input_dims = (4,)
+    _shape_hint = "(N, C, H, W)"
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch norm over a (N, C, D, H, W) input, per channel over (N, D, H, W); twin of
+    ``torch.nn.BatchNorm3d``.
+
+    Arguments, errors and behaviour as :class:`BatchNorm1d`.
+    """
+
+    _input_dims = (5,)
+    _shape_hint = "(N, C, D, H, W)"
