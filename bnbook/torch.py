@@ -112,9 +112,12 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.dense = length == 1
         if ctx.dense:
             x2 = x3[:, :, 0]
-            var, mean = torch.var_mean(x2, dim=0, correction=0)  # Welford: (1) and (2)
+            # (1), accumulated in float64: a float32 sum of values far from zero loses digits
+            mean = x2.mean(0, dtype=torch.float64).to(x2.dtype)
+            centered = x2 - mean
+            var = (centered * centered).mean(0)  # (2): two passes, biased
             invstd = torch.rsqrt(var + eps)
-            x_hat = (x2 - mean).mul_(invstd)  # (3)
+            x_hat = centered.mul_(invstd)  # (3), in place: the centred copy is ours
             if weight is not None:
                 y = torch.addcmul(bias, x_hat, weight) if bias is not None else x_hat * weight
             else:
