@@ -1,0 +1,120 @@
+# bnbook: the two commands are `make book` and `make test` (CI runs `.ci/run`, which runs `make test`).
+#
+#   make book                  build the HTML book into _build/html (warnings are errors)
+#   make test                  lint, unit tests, every notebook re-executed and compared (nbval),
+#                              the book build, and the browser test of every page
+#   make execute [NB=path]     re-execute every notebook (or one) in place to refresh stored outputs
+#   make test-nb NB=path       nbval (strict) for one notebook
+#   make lint | unit | nbval | browser | vendor | venv | clean
+#
+# Everything runs in .venv, created from exactly requirements.txt the first time (a few minutes)
+# and reused afterwards: the stamp file below is keyed on the contents of requirements.txt and
+# pyproject.toml, so editing a pin reinstalls and nothing else does.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+
+# Build-time JavaScript, never committed (see html_static_path in _config.yml).
+VENDOR := _build/vendor
+VENDOR_STAMP := $(VENDOR)/.complete-v1
+HTML_MANAGER := @jupyter-widgets/html-manager@1.0.15
+REQUIREJS := requirejs@2.3.7
+
+SANITIZE := chapters/nbval_sanitize.cfg
+# The notebooks, in _toc.yml order (notebooks on disk but not in the toc are caught by tests/test_book.py).
+NOTEBOOKS = $(shell $(PY) .ci/notebooks.py)
+# Notebook runs: one thread (setup_notebook also pins it), no progress bars in stored outputs.
+NB_ENV := BNBOOK_EXECUTE=1 BNBOOK_QUIET=1 TQDM_DISABLE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYDEVD_DISABLE_FILE_VALIDATION=1
+NBVAL_WORKERS ?= 2
+# Per-cell limit (s) when executing; generous because the machine may be shared.
+CELL_TIMEOUT ?= 300
+
+.PHONY: help venv vendor book test lint unit nbval browser execute test-nb clean
+
+help:
+	@sed -n '1,12p' Makefile | sed 's/^# \{0,1\}//'
+
+# --- environment -------------------------------------------------------------------------------
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || { echo "Creating $(VENV) with $(BOOTSTRAP_PYTHON)"; $(BOOTSTRAP_PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "$(VENV) is ready ($$($(PY) --version))"
+
+# MathJax 3 (from the installed PyPI package django-static-mathjax) and the widget manager +
+# require.js (from the npm registry), copied into $(VENDOR), which Sphinx serves as static files.
+vendor: $(VENDOR_STAMP)
+
+$(VENDOR_STAMP): $(STAMP)
+	@command -v npm >/dev/null || { echo "npm is needed to fetch the widget JavaScript (apt-get install npm)"; exit 1; }
+	rm -rf $(VENDOR)
+	mkdir -p $(VENDOR)/mathjax/output/chtml/fonts $(VENDOR)/mathjax/input/tex $(VENDOR)/widgets $(VENDOR)/npm
+	@mj=$$($(PY) -c "import mathjax, pathlib; print(pathlib.Path(mathjax.__file__).parent / 'static' / 'mathjax' / 'es5')"); \
+	  cp "$$mj/tex-chtml.js" $(VENDOR)/mathjax/ && \
+	  cp -r "$$mj/output/chtml/fonts/woff-v2" $(VENDOR)/mathjax/output/chtml/fonts/ && \
+	  cp -r "$$mj/input/tex/extensions" $(VENDOR)/mathjax/input/tex/ && \
+	  cp -r "$$mj/ui" "$$mj/a11y" "$$mj/sre" $(VENDOR)/mathjax/ && \
+	  echo "MathJax $$($(PY) -c 'import importlib.metadata as m; print(m.version("django-static-mathjax"))') copied from $$mj"
+	cd $(VENDOR)/npm && npm pack --silent $(HTML_MANAGER) $(REQUIREJS) >/dev/null
+	cd $(VENDOR)/npm && for t in *.tgz; do mkdir -p "$${t%.tgz}" && tar xzf "$$t" -C "$${t%.tgz}"; done
+	cp $(VENDOR)/npm/jupyter-widgets-html-manager-*/package/dist/embed-amd.js $(VENDOR)/widgets/
+	cp $(VENDOR)/npm/jupyter-widgets-html-manager-*/package/dist/*.{woff2,woff,ttf,eot,svg} $(VENDOR)/widgets/
+	cp $(VENDOR)/npm/requirejs-*/package/require.js $(VENDOR)/widgets/
+	rm -rf $(VENDOR)/npm
+	@touch $@
+
+# --- the book ----------------------------------------------------------------------------------
+book: $(STAMP) $(VENDOR_STAMP)
+	$(BIN)/jupyter-book build . --all -W -n --keep-going
+	@echo
+	@echo "The book is at file://$(CURDIR)/_build/html/index.html"
+
+# --- tests -------------------------------------------------------------------------------------
+# Order: fast static checks first, then the slow re-execution, then the build and the browser.
+test: lint unit nbval book browser
+	@echo "make test: all checks passed"
+
+lint: $(STAMP)
+	$(BIN)/ruff check bnbook tests chapters .ci
+	$(BIN)/ruff format --check bnbook tests chapters .ci
+
+# Unit, property and parity tests of the package, its doctests, and the book-wide notebook checks.
+unit: $(STAMP)
+	$(NB_ENV) $(BIN)/pytest tests bnbook --doctest-modules --ignore=tests/test_browser.py -p no:cacheprovider
+
+# Every notebook re-executed in a fresh kernel and compared output by output (strict). Notebooks
+# run single-threaded, so two workers on two cores; each notebook stays on one worker.
+# tests/conftest.py (loaded with -p) prints the time table and enforces the time budget.
+nbval: $(STAMP)
+	$(NB_ENV) $(PY) -m pytest --nbval $(NOTEBOOKS) --nbval-sanitize-with $(SANITIZE) \
+	  -p tests.conftest -p no:cacheprovider -n $(NBVAL_WORKERS) --dist loadfile
+
+test-nb: $(STAMP)
+	@test -n "$(NB)" || { echo "usage: make test-nb NB=chapters/02_transform.ipynb"; exit 2; }
+	$(NB_ENV) $(PY) -m pytest --nbval $(NB) --nbval-sanitize-with $(SANITIZE) -p tests.conftest -p no:cacheprovider
+
+browser: $(STAMP)
+	$(BIN)/pytest tests/test_browser.py -p no:cacheprovider
+
+# --- refreshing stored outputs -----------------------------------------------------------------
+execute: $(STAMP)
+	@set -e; for nb in $(if $(NB),$(NB),$(NOTEBOOKS)); do \
+	  echo "executing $$nb"; \
+	  $(NB_ENV) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.record_timing=False --ExecutePreprocessor.timeout=$(CELL_TIMEOUT) \
+	    --ExecutePreprocessor.kernel_name=python3 --log-level=WARN "$$nb"; \
+	  $(PY) .ci/nbstrip.py "$$nb"; \
+	done
+
+clean:
+	rm -rf _build
