@@ -42,7 +42,8 @@ def setup_notebook(seed: int = 0, threads: int = 1) -> None:
     Seeds Python, NumPy and torch; turns on torch's deterministic algorithms; fixes the number of
     threads of torch and of NumPy's BLAS (one by default, so results do not depend on the machine and
     two chapters can run side by side on two cores); sets NumPy's print precision; applies the shared
-    plot style (:func:`bnbook.plotting.apply_style`).
+    plot style (:func:`bnbook.plotting.apply_style`); in a notebook, shows errors without tracebacks
+    (a deliberate error prints ``ValueError: message``, not the machine's paths).
 
     Parameters
     ----------
@@ -72,6 +73,22 @@ def setup_notebook(seed: int = 0, threads: int = 1) -> None:
     from bnbook.plotting import apply_style
 
     apply_style()
+    _minimal_tracebacks()
+
+
+def _minimal_tracebacks() -> None:
+    """In a notebook, show a deliberate error as ``ValueError: message``, without the traceback.
+
+    Chapters demonstrate errors (cells tagged ``raises-exception``); a full traceback would print
+    the machine's paths into the stored outputs, and teaches nothing the message does not say.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython ships with the notebook stack
+        return
+    shell = get_ipython()
+    if shell is not None and hasattr(shell, "InteractiveTB"):
+        shell.InteractiveTB.set_mode("Minimal")
 
 
 def default_device():
