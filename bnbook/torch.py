@@ -54,11 +54,17 @@ def _as_ncl(x: Tensor) -> Tensor:
 _BLOCK_ELEMENTS = 1 << 18
 
 
-def _blocks(t: Tensor):
+def _blocks(t: Tensor) -> list[slice]:
+    """Slices over the batch axis, each about ``_BLOCK_ELEMENTS`` elements.
+
+    Under ``torch.compile`` a single block: the compiler fuses whole-tensor operations itself, and
+    a Python loop over blocks would be unrolled into the graph.
+    """
     n, c, length = t.shape
+    if torch.compiler.is_compiling():
+        return [slice(0, n)]
     step = max(1, _BLOCK_ELEMENTS // (c * length))
-    for start in range(0, n, step):
-        yield slice(start, min(start + step, n))
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def _channel_sum(t: Tensor) -> Tensor:
