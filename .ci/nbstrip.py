@@ -2,6 +2,9 @@
 
 Notebook level: kernelspec, language_info and the saved widget state only.
 Cell level: everything but execution timing, collapse/scroll state and editor trivia.
+Outputs: consecutive stream outputs of the same stream are merged by plain concatenation. A loaded
+kernel sometimes splits one print into two messages; myst-nb would then render a blank line
+between them, while nbval (which concatenates) cannot tell the difference.
 Usage: python .ci/nbstrip.py NOTEBOOK [NOTEBOOK ...]
 """
 
@@ -23,6 +26,22 @@ DROP_CELL = (
 )
 
 
+def merge_streams(outputs: list) -> list:
+    merged: list = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (
+            prev is not None
+            and out.get("output_type") == "stream"
+            and prev.get("output_type") == "stream"
+            and out.get("name") == prev.get("name")
+        ):
+            prev["text"] = "".join(prev["text"]) + "".join(out["text"])
+        else:
+            merged.append(out)
+    return merged
+
+
 def strip(path: str) -> None:
     nb = nbformat.read(path, as_version=4)
     nb.metadata = nbformat.NotebookNode(
@@ -34,6 +53,8 @@ def strip(path: str) -> None:
     for cell in nb.cells:
         for key in DROP_CELL:
             cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
     nbformat.validate(nb)
     nbformat.write(nb, path)
 
