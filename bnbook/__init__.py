@@ -14,16 +14,86 @@ the from-scratch layers live in :mod:`bnbook.numpy` and :mod:`bnbook.torch`.
 
 from __future__ import annotations
 
+import operator
 import os
 import random
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-__all__ = ["setup_notebook", "seed_everything", "default_device", "progress", "__version__"]
+__all__ = [
+    "setup_notebook",
+    "seed",
+    "seeds",
+    "base_seed",
+    "seed_everything",
+    "default_device",
+    "progress",
+    "__version__",
+]
 __version__ = "0.1.0"
 
 T = TypeVar("T")
+
+
+#: Seeds of one run of the book are spaced this far apart, so that the draws of two base seeds
+#: never share a seed (a chapter uses far fewer than this many).
+SEED_STRIDE = 1000
+
+
+def base_seed() -> int:
+    """The book's base seed: the environment variable ``BNBOOK_SEED`` (default 0).
+
+    Every random draw of the book derives from it through :func:`seed`, so that
+    ``BNBOOK_SEED=1 make execute`` re-runs every experiment on a new, independent draw.
+
+    Raises
+    ------
+    ValueError
+        If ``BNBOOK_SEED`` is not a non-negative integer.
+    """
+    text = os.environ.get("BNBOOK_SEED", "0").strip() or "0"
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"BNBOOK_SEED must be a non-negative integer, got {text!r}")
+    return value
+
+
+def seed(k: int = 0) -> int:
+    """The ``k``-th seed of this run: ``k + 1000 * BNBOOK_SEED``.
+
+    Chapters never write a literal seed: they write ``bnbook.seed(k)`` (``k`` = 0, 1, ... names
+    the draw within the chapter), so that one environment variable moves every draw at once.
+
+    >>> import os
+    >>> os.environ.pop("BNBOOK_SEED", None) and None
+    >>> seed(0), seed(3)
+    (0, 3)
+    >>> os.environ["BNBOOK_SEED"] = "2"
+    >>> seed(0), seed(3)
+    (2000, 2003)
+    >>> del os.environ["BNBOOK_SEED"]
+    """
+    if isinstance(k, bool) or not hasattr(k, "__index__") or not 0 <= k < SEED_STRIDE:
+        raise ValueError(f"k must be an integer in [0, {SEED_STRIDE}), got {k!r}")
+    return operator.index(k) + SEED_STRIDE * base_seed()
+
+
+_run_seed = seed  # setup_notebook's argument is called ``seed`` too
+
+
+def seeds(n: int, start: int = 0) -> list[int]:
+    """``n`` consecutive seeds of this run, ``[seed(start), ..., seed(start + n - 1)]``.
+
+    >>> seeds(3)
+    [0, 1, 2]
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    return [seed(start + i) for i in range(n)]
 
 
 def seed_everything(seed: int = 0) -> None:
@@ -39,7 +109,7 @@ def seed_everything(seed: int = 0) -> None:
 def setup_notebook(seed: int = 0, threads: int = 1) -> None:
     """Make a chapter reproducible and give it the book's look.
 
-    Seeds Python, NumPy and torch; turns on torch's deterministic algorithms; fixes the number of
+    Seeds Python, NumPy and torch with ``bnbook.seed(seed)`` (so ``BNBOOK_SEED`` moves it); turns on torch's deterministic algorithms; fixes the number of
     threads of torch and of NumPy's BLAS (one by default, so results do not depend on the machine and
     two chapters can run side by side on two cores); sets NumPy's print precision; applies the shared
     plot style (:func:`bnbook.plotting.apply_style`); in a notebook, shows errors without tracebacks
@@ -48,7 +118,7 @@ def setup_notebook(seed: int = 0, threads: int = 1) -> None:
     Parameters
     ----------
     seed : int
-        Seed for every random number generator.
+        Which seed of the run (:func:`seed`) to give every random number generator.
     threads : int
         Threads for torch's intra-op pool and for BLAS.
     """
@@ -66,7 +136,7 @@ def setup_notebook(seed: int = 0, threads: int = 1) -> None:
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
         pass
     torch.use_deterministic_algorithms(True)
-    seed_everything(seed)
+    seed_everything(_run_seed(seed))
     np.set_printoptions(precision=4, suppress=True, linewidth=100)
     torch.set_printoptions(precision=4, sci_mode=False, linewidth=100)
 

@@ -99,7 +99,7 @@ def load_mnist_subset(
     *,
     n_val: int = 1000,
     n_test: int = 1000,
-    seed: int = 0,
+    seed: int | None = None,
     flatten: bool = True,
     as_torch: bool = False,
 ) -> MNISTSplits:
@@ -111,7 +111,8 @@ def load_mnist_subset(
         Sizes of the validation and test splits; the training split gets the rest (3,000 by default).
     seed : int
         Seed of the shuffle (the file is sorted by label, so it must be shuffled before splitting).
-        The same seed always gives the same split.
+        The same seed always gives the same split; None takes the run's :func:`bnbook.seed` ``(0)``,
+        so ``BNBOOK_SEED`` draws another split.
     flatten : bool
         Images as (n, 784) vectors if True, as (n, 1, 28, 28) if False.
     as_torch : bool
@@ -128,6 +129,10 @@ def load_mnist_subset(
             f"got n_val={n_val}, n_test={n_test}"
         )
     pixels, labels = _read_csv()
+    if seed is None:
+        from bnbook import seed as run_seed
+
+        seed = run_seed(0)
     order = np.random.default_rng(seed).permutation(N_IMAGES)
     x = pixels[order].astype(np.float32) / 255.0
     y = labels[order]

@@ -569,7 +569,7 @@ def train_worker(
     sync: bool,
     per_worker_batch: int,
     steps: int,
-    seed: int = 0,
+    seed: int | None = None,
     lr: float = 0.1,
     model: str = "mlp",
 ) -> dict[str, Any]:
@@ -593,6 +593,10 @@ def train_worker(
 
     if model not in ("mlp", "cnn"):
         raise ValueError(f"model must be 'mlp' or 'cnn', got {model!r}")
+    if seed is None:
+        from bnbook import seed as run_seed
+
+        seed = run_seed(0)
     device = _worker_device(rank, dist.get_backend())
     torch.manual_seed(seed)
     if model == "mlp":

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnbook import default_device
+from bnbook import seed as run_seed
 
 __all__ = ["History", "batches", "evaluate", "train_classifier", "as_tensors"]
 
@@ -118,7 +118,7 @@ def train_classifier(
     lr: float = 0.1,
     optimizer: str | Callable = "sgd",
     momentum: float = 0.0,
-    seed: int = 0,
+    seed: int | None = None,
     eval_every: int | None = None,
     eval_split: str = "test",
     callback: Callable[[int, nn.Module], None] | None = None,
@@ -138,8 +138,9 @@ def train_classifier(
         Mini-batch size, learning rate, SGD momentum.
     optimizer : {"sgd", "adam"} or callable
         Or ``params -> torch.optim.Optimizer``.
-    seed : int
-        Seeds the batch order (the model's initialisation is the caller's business).
+    seed : int or None
+        Seeds the batch order (the model's initialisation is the caller's business); None takes
+        the run's :func:`bnbook.seed` ``(0)``.
     eval_every : int or None
         Evaluate on ``eval_split`` at step 0, every ``eval_every`` steps and at the end; None: only at
         the end.
@@ -147,7 +148,8 @@ def train_classifier(
     callback : callable or None
         ``callback(step, model)`` at every evaluation point (the model is in training mode).
     device : torch.device or None
-        Default :func:`bnbook.default_device`.
+        Where to train; None keeps the model where it is (a new model is on the CPU). Pass
+        :func:`bnbook.default_device` to use a GPU when there is one; the model stays there.
 
     Returns
     -------
@@ -156,7 +158,10 @@ def train_classifier(
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    device = default_device() if device is None else device
+    if device is None:
+        device = next(model.parameters(), torch.empty(0)).device
+    if seed is None:
+        seed = run_seed(0)
     model.to(device).train()
     x_train, y_train = as_tensors(data, "train", device)
     x_eval, y_eval = as_tensors(data, eval_split, device)

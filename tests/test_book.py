@@ -350,3 +350,39 @@ def test_widget_state_is_valid_json_when_present():
             state = widgets.get("application/vnd.jupyter.widget-state+json", {})
             json.dumps(state)  # serialisable
             assert "state" in state, f"{path}: widget metadata without saved state"
+
+
+# --- one base seed --------------------------------------------------------------------------------
+# Every draw of a chapter comes from bnbook.seed(k) / bnbook.seeds(n), so that BNBOOK_SEED moves
+# all of them at once (make test-robust runs the book under other base seeds).
+LITERAL_SEED_RE = re.compile(
+    r"(manual_seed|default_rng|np\.random\.seed|random\.seed|set_random_seed|seed_everything)"
+    r"\(\s*\d"
+    r"|\bseeds?\s*=\s*(\[\s*\d|range\(|\d)"
+    r"|\bSEEDS\s*=\s*(\[|range\(|\d)"
+)
+
+
+SETUP_RE = re.compile(r"setup_notebook\(seed=\d+\)")  # its argument already means bnbook.seed(k)
+
+
+def _literal_seeds(source: str) -> list[str]:
+    lines = source.splitlines()
+    return [ln.strip() for ln in lines if LITERAL_SEED_RE.search(SETUP_RE.sub("", ln))]
+
+
+def test_literal_seed_check_can_fail():
+    assert _literal_seeds("torch.manual_seed(0)\nrng = np.random.default_rng(12)")
+    assert _literal_seeds("train_stacked(net, seeds=[0, 1, 2])")
+    assert _literal_seeds("h = train(net, seeds=range(3))")
+    assert _literal_seeds("SEEDS = [0, 1, 2]")
+    assert not _literal_seeds("torch.manual_seed(bnbook.seed(0))\nseeds=bnbook.seeds(5)")
+    assert not _literal_seeds("bnbook.setup_notebook(seed=0)")
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", TOC_NOTEBOOKS)
+def test_no_literal_seeds(path):
+    nb = _read(path)
+    found = [s for cell in _code_cells(nb) for s in _literal_seeds(cell.source)]
+    assert not found, f"{path}: seeds must come from bnbook.seed/seeds: {found}"

@@ -161,7 +161,9 @@ def test_output_has_zero_mean_unit_variance(x):
     axes = (0, *range(2, x.ndim))
     y, cache = bnp.batch_norm_forward(x, np.ones(c), np.zeros(c), eps=1e-12)
     np.testing.assert_allclose(y.mean(axis=axes), 0, atol=1e-9)
-    np.testing.assert_allclose(y.var(axis=axes), 1, atol=1e-6)
+    # var(x_hat) = var / (var + eps) exactly: 1 unless the draw's variance comes near eps
+    np.testing.assert_allclose(y.var(axis=axes), cache.var / (cache.var + 1e-12), atol=1e-9)
+    assert (y.var(axis=axes) > 1 - 1e-6).all() or (cache.var < 1e-5).any()
 
 
 @settings(max_examples=60, deadline=None)
@@ -171,9 +173,28 @@ def test_invariant_to_per_channel_shift_and_positive_scale(x, shift, log_scale):
     gamma, beta = np.linspace(0.5, 2, c), np.linspace(-1, 1, c)
     scale = 10.0**log_scale * np.linspace(1, 2, c)
     shape = (1, c) + (1,) * (x.ndim - 2)
-    y1, _ = bnp.batch_norm_forward(x, gamma, beta, eps=1e-12)
-    y2, _ = bnp.batch_norm_forward(x * scale.reshape(shape) + shift, gamma, beta, eps=1e-12)
-    np.testing.assert_allclose(y1, y2, rtol=1e-6, atol=1e-6)
+    eps = 1e-12
+    x2 = x * scale.reshape(shape) + shift
+    y1, c1 = bnp.batch_norm_forward(x, gamma, beta, eps=eps)
+    y2, c2 = bnp.batch_norm_forward(x2, gamma, beta, eps=eps)
+    # Invariance is exact only for eps = 0: scaling a channel by s turns its x_hat into
+    # x_hat * sqrt((var + eps) / (var + eps / s^2)). A draw with var ~ eps (m = 2, nearly equal
+    # values) makes that factor visible, so the test predicts it instead of ignoring it; what is
+    # left is float64 rounding of values of size |x2| relative to their spread.
+    axes = (0, *range(2, x.ndim))
+    ratio = np.sqrt((c1.var + eps) / (c1.var + eps / scale**2)).reshape(shape)
+    expected = gamma.reshape(shape) * c1.x_hat * ratio + beta.reshape(shape)
+    rounding = 64 * np.finfo(np.float64).eps * np.abs(x2).max(axis=axes) / np.sqrt(c2.var)
+    tol = (1e-9 + np.abs(gamma) * np.abs(c1.x_hat).max(axis=axes) * rounding).reshape(shape)
+    assert (np.abs(y2 - expected) <= tol).all(), (np.abs(y2 - expected).max(), tol.ravel())
+    if (np.minimum(c1.var, c2.var) > 1e6 * eps).all():  # eps negligible: plain invariance
+        np.testing.assert_allclose(y1, y2, rtol=1e-6, atol=1e-6)
+
+
+def test_shift_scale_invariance_on_a_near_constant_two_sample_batch():
+    """The draw that once broke a fixed 1e-6 tolerance: m = 2, variance ~1.7e-8, scale 1e-3."""
+    x = np.array([[[0.0]], [[2.6e-4]]]) + np.array([[[1.0]]])
+    test_invariant_to_per_channel_shift_and_positive_scale.hypothesis.inner_test(x, 5.0, -3.0)
 
 
 @settings(max_examples=60, deadline=None)

@@ -51,3 +51,63 @@ def test_numerical_gradient_and_relative_error():
     assert relative_error(np.zeros(3), np.zeros(3)) == 0.0
     with pytest.raises(ValueError, match="same shape"):
         relative_error(np.zeros(2), np.zeros(3))
+
+
+def test_seed_follows_bnbook_seed(monkeypatch):
+    monkeypatch.delenv("BNBOOK_SEED", raising=False)
+    assert bnbook.base_seed() == 0
+    assert bnbook.seeds(3) == [0, 1, 2]
+    monkeypatch.setenv("BNBOOK_SEED", "2")
+    assert bnbook.seed(0) == 2000 and bnbook.seed(7) == 2007
+    assert bnbook.seeds(2, start=5) == [2005, 2006]
+    # two base seeds never share a seed
+    monkeypatch.setenv("BNBOOK_SEED", "1")
+    one = set(bnbook.seeds(50))
+    monkeypatch.setenv("BNBOOK_SEED", "2")
+    assert one.isdisjoint(bnbook.seeds(50))
+
+
+def test_setup_notebook_draw_moves_with_bnbook_seed(monkeypatch):
+    monkeypatch.delenv("BNBOOK_SEED", raising=False)
+    bnbook.setup_notebook(seed=0)
+    base = torch.rand(3)
+    monkeypatch.setenv("BNBOOK_SEED", "1")
+    bnbook.setup_notebook(seed=0)
+    assert not torch.equal(torch.rand(3), base)
+
+
+@pytest.mark.parametrize("bad", ["-1", "one", "1.5"])
+def test_bnbook_seed_must_be_a_non_negative_integer(monkeypatch, bad):
+    monkeypatch.setenv("BNBOOK_SEED", bad)
+    with pytest.raises(ValueError, match="BNBOOK_SEED"):
+        bnbook.seed(0)
+
+
+@pytest.mark.parametrize("bad", [-1, 1000, 1.0, True, "0"])
+def test_seed_index_is_checked(bad):
+    with pytest.raises(ValueError, match="k must be an integer"):
+        bnbook.seed(bad)
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        bnbook.seeds(0)
+
+
+def test_data_and_training_defaults_follow_bnbook_seed(monkeypatch):
+    from bnbook.data import load_mnist_subset
+
+    monkeypatch.delenv("BNBOOK_SEED", raising=False)
+    split0 = load_mnist_subset().y_test
+    np.testing.assert_array_equal(split0, load_mnist_subset(seed=0).y_test)
+    monkeypatch.setenv("BNBOOK_SEED", "1")
+    assert not np.array_equal(load_mnist_subset().y_test, split0)
+
+
+def test_spread_and_glue_formats():
+    from bnbook.evidence import glue, spread
+
+    assert spread([0.91, 0.903, 0.916], ".3f") == "0.910 [0.903–0.916]"
+    assert spread([2.0], ".1f") == "2.0"
+    for bad in ([], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="non-empty sample"):
+            spread(bad)
+    with pytest.raises(TypeError, match="formatted strings"):
+        glue({"x-key": 0.5})

@@ -1,0 +1,82 @@
+"""Tag the cells whose outputs do not depend on the CPU's kernels (used by `make stable-cells`).
+
+Usage: python .ci/stable_cells.py STORED.ipynb PERTURBED.ipynb
+
+STORED is a chapter as committed; PERTURBED is the same chapter executed on another kernel path
+(`make stable-cells` sets KERNEL_ENV). A code cell whose outputs, sanitized as nbval sanitizes them,
+are the same in both gets the tag `nbval-check-output`, and `make test` compares it exactly on every
+machine; any other cell loses the tag, and only its asserts are tested. Cells without output, cells
+that deliberately raise, and cells marked NBVAL_IGNORE_OUTPUT are never tagged.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+TAG = "nbval-check-output"
+SANITIZE = Path(__file__).resolve().parent.parent / "chapters" / "nbval_sanitize.cfg"
+COMPARED_TYPES = ("text/plain", "text/html", "text/markdown", "text/latex")
+
+
+def sanitizers() -> list[tuple[re.Pattern, str]]:
+    cfg = configparser.ConfigParser()
+    cfg.read(SANITIZE)
+    return [(re.compile(cfg[s]["regex"]), cfg[s]["replace"]) for s in cfg.sections()]
+
+
+def signature(cell, rules) -> list[str]:
+    """What nbval compares of a cell's outputs (text of streams, errors and text data)."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            parts.append(f"{out['name']}:{''.join(out['text'])}")
+        elif out.get("output_type") == "error":
+            parts.append(f"error:{out['ename']}:{out['evalue']}")
+        else:
+            data = out.get("data", {})
+            for key in sorted(data):
+                if key in COMPARED_TYPES or key.startswith("application/papermill"):
+                    parts.append(f"{key}:{data[key]!s}")
+    text = "\n".join(parts)
+    for pattern, replacement in rules:
+        text = pattern.sub(replacement, text)
+    return text.splitlines()
+
+
+def retag(stored_path: str, perturbed_path: str) -> tuple[int, int]:
+    stored = nbformat.read(stored_path, as_version=4)
+    perturbed = nbformat.read(perturbed_path, as_version=4)
+    if len(stored.cells) != len(perturbed.cells):
+        raise SystemExit(f"{perturbed_path} is not an execution of {stored_path}: cell counts differ")
+    rules = sanitizers()
+    tagged = total = 0
+    for a, b in zip(stored.cells, perturbed.cells, strict=True):
+        if a.cell_type != "code":
+            continue
+        tags = [t for t in a.metadata.get("tags", []) if t != TAG]
+        src = a.source.lstrip()
+        eligible = (
+            a.get("outputs")
+            and "raises-exception" not in tags
+            and not src.startswith("# NBVAL_IGNORE_OUTPUT")
+        )
+        total += 1
+        if eligible and signature(a, rules) == signature(b, rules):
+            tags.append(TAG)
+            tagged += 1
+        if tags:
+            a.metadata["tags"] = tags
+        else:
+            a.metadata.pop("tags", None)
+    nbformat.write(stored, stored_path)
+    return tagged, total
+
+
+if __name__ == "__main__":
+    n, m = retag(sys.argv[1], sys.argv[2])
+    print(f"{sys.argv[1]}: {n} of {m} code cells compared exactly on every machine")
