@@ -7,7 +7,8 @@
 #                              and on another CPU kernel path; every assert must hold
 #   make test-exact            every stored output compared exactly (holds on the machine that wrote them)
 #   make execute [NB=path]     re-execute every notebook (or one) in place to refresh stored outputs
-#   make stable-cells          re-tag the cells whose outputs do not depend on the CPU's kernels
+#   make student               the student edition: notebooks with stubs and graders, in _build/student
+#   make stable-cells          re-tag the cells whose outputs depend neither on the CPU nor on the draw
 #   make test-nb NB=path       the portable notebook check for one notebook
 #   make lint | unit | nbval | browser | vendor | venv | clean
 #
@@ -47,10 +48,10 @@ NBVAL_WORKERS ?= 2
 # Per-cell limit (s) when executing; generous because the machine may be shared.
 CELL_TIMEOUT ?= 300
 
-.PHONY: help venv vendor book test test-robust test-exact stable-cells lint unit nbval browser execute test-nb clean
+.PHONY: help venv vendor book student test test-robust test-exact stable-cells lint unit nbval browser execute test-nb clean
 
 help:
-	@sed -n '1,17p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,18p' Makefile | sed 's/^# \{0,1\}//'
 
 # --- environment -------------------------------------------------------------------------------
 venv: $(STAMP)
@@ -85,10 +86,15 @@ $(VENDOR_STAMP): $(STAMP)
 	@touch $@
 
 # --- the book ----------------------------------------------------------------------------------
-book: $(STAMP) $(VENDOR_STAMP)
+book: $(STAMP) $(VENDOR_STAMP) student
 	$(BIN)/jupyter-book build . --all -W -n --keep-going
+	mkdir -p _build/html/student && cp _build/student/bnbook-student-notebooks.zip _build/html/student/
 	@echo
 	@echo "The book is at file://$(CURDIR)/_build/html/index.html"
+
+# The student edition, generated from the chapters (.ci/student.py; the course page links the archive).
+student: $(STAMP)
+	$(PY) .ci/student.py _build/student $(NOTEBOOKS)
 
 # --- tests -------------------------------------------------------------------------------------
 # Order: fast static checks first, then the slow re-execution, then the build and the browser.
@@ -138,17 +144,18 @@ test-robust: $(STAMP)
 test-exact: $(STAMP)
 	$(NBVAL) --nbval
 
-# Re-tag the machine-independent cells: execute every notebook (or NB) on the other kernel path into
-# _build/stable and tag the cells whose outputs equal the stored ones.
+# Re-tag the machine-independent cells: execute every notebook (or NB) on the other kernel path and
+# under BNBOOK_SEED=1 into _build/stable, and tag the cells whose outputs equal the stored ones in both.
+STABLE_RUN = $(BIN)/jupyter nbconvert --to notebook --execute --log-level=ERROR \
+	  --ExecutePreprocessor.timeout=$(CELL_TIMEOUT) --ExecutePreprocessor.kernel_name=python3
+
 stable-cells: $(STAMP)
-	@mkdir -p _build/stable
-	@set -e; for nb in $(NOTEBOOKS_OR_NB); do \
-	  echo "executing $$nb on the other kernel path"; \
-	  $(NB_ENV) $(KERNEL_ENV) $(BIN)/jupyter nbconvert --to notebook --execute \
-	    --ExecutePreprocessor.timeout=$(CELL_TIMEOUT) --ExecutePreprocessor.kernel_name=python3 \
-	    --log-level=WARN --output-dir _build/stable "$$nb"; \
-	  $(PY) .ci/stable_cells.py "$$nb" "_build/stable/$$(basename $$nb)"; \
-	done
+	@mkdir -p _build/stable/kernel _build/stable/seed1
+	printf '%s\n' $(NOTEBOOKS_OR_NB) | xargs -P $(NBVAL_WORKERS) -I{} sh -c '\
+	  $(NB_ENV) $(KERNEL_ENV) $(STABLE_RUN) --output-dir _build/stable/kernel "{}" && \
+	  $(NB_ENV) BNBOOK_SEED=1 $(STABLE_RUN) --output-dir _build/stable/seed1 "{}" && \
+	  $(PY) .ci/stable_cells.py "{}" "_build/stable/kernel/$$(basename {})" \
+	    "_build/stable/seed1/$$(basename {})"'
 
 browser: $(STAMP)
 	$(BIN)/pytest tests/test_browser.py -p no:cacheprovider

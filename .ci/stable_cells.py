@@ -1,12 +1,16 @@
-"""Tag the cells whose outputs do not depend on the CPU's kernels (used by `make stable-cells`).
+"""Tag the cells whose outputs depend neither on the CPU's kernels nor on the draw (`make stable-cells`).
 
-Usage: python .ci/stable_cells.py STORED.ipynb PERTURBED.ipynb
+Usage: python .ci/stable_cells.py STORED.ipynb PERTURBED.ipynb [PERTURBED.ipynb ...]
 
-STORED is a chapter as committed; PERTURBED is the same chapter executed on another kernel path
-(`make stable-cells` sets KERNEL_ENV). A code cell whose outputs, sanitized as nbval sanitizes them,
-are the same in both gets the tag `nbval-check-output`, and `make test` compares it exactly on every
-machine; any other cell loses the tag, and only its asserts are tested. Cells without output, cells
-that deliberately raise, and cells marked NBVAL_IGNORE_OUTPUT are never tagged.
+STORED is a chapter as committed; each PERTURBED is the same chapter executed differently:
+`make stable-cells` executes it on another kernel path (KERNEL_ENV) and under another base seed
+(BNBOOK_SEED=1). A code cell whose outputs, sanitized as nbval sanitizes them, are the same in all
+of them gets the tag `nbval-check-output`, and `make test` compares it exactly on every machine;
+any other cell loses the tag, and only its asserts are tested. Requiring both is deliberate: a
+training result can survive a small kernel perturbation on one machine and still move on another
+CPU, but an output that does not change with the random draw either is a derivation, an identity,
+a shape or a message. Cells without output, cells that deliberately raise, and cells marked
+NBVAL_IGNORE_OUTPUT are never tagged.
 """
 
 from __future__ import annotations
@@ -48,14 +52,15 @@ def signature(cell, rules) -> list[str]:
     return text.splitlines()
 
 
-def retag(stored_path: str, perturbed_path: str) -> tuple[int, int]:
+def retag(stored_path: str, perturbed_paths: list[str]) -> tuple[int, int]:
     stored = nbformat.read(stored_path, as_version=4)
-    perturbed = nbformat.read(perturbed_path, as_version=4)
-    if len(stored.cells) != len(perturbed.cells):
-        raise SystemExit(f"{perturbed_path} is not an execution of {stored_path}: cell counts differ")
+    runs = [nbformat.read(p, as_version=4) for p in perturbed_paths]
+    for path, run in zip(perturbed_paths, runs, strict=True):
+        if len(run.cells) != len(stored.cells):
+            raise SystemExit(f"{path} is not an execution of {stored_path}: cell counts differ")
     rules = sanitizers()
     tagged = total = 0
-    for a, b in zip(stored.cells, perturbed.cells, strict=True):
+    for i, a in enumerate(stored.cells):
         if a.cell_type != "code":
             continue
         tags = [t for t in a.metadata.get("tags", []) if t != TAG]
@@ -66,7 +71,8 @@ def retag(stored_path: str, perturbed_path: str) -> tuple[int, int]:
             and not src.startswith("# NBVAL_IGNORE_OUTPUT")
         )
         total += 1
-        if eligible and signature(a, rules) == signature(b, rules):
+        same = all(signature(a, rules) == signature(run.cells[i], rules) for run in runs)
+        if eligible and same:
             tags.append(TAG)
             tagged += 1
         if tags:
@@ -78,5 +84,7 @@ def retag(stored_path: str, perturbed_path: str) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
-    n, m = retag(sys.argv[1], sys.argv[2])
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    n, m = retag(sys.argv[1], sys.argv[2:])
     print(f"{sys.argv[1]}: {n} of {m} code cells compared exactly on every machine")
