@@ -200,7 +200,9 @@ def batch_norm_forward(
     check_eps(eps)
     check_training_size(x.shape)
 
-    x3, _ = _as_ncl(x)
+    x3, length = _as_ncl(x)
+    if length == 1:
+        return _dense_forward(x, x3[:, :, 0], gamma, beta, float(eps))
     m = x.size // x.shape[1]
     mean = _channel_sum(x3) / m  # (1)
     residual, sum_sq = _centered_stats(x3, mean)
@@ -258,6 +260,8 @@ def batch_norm_backward(
     dy = dy.astype(x.dtype, copy=False)
     x3, length = _as_ncl(x)
     dy3, _ = _as_ncl(dy)
+    if length == 1:
+        return _dense_backward(dy3[:, :, 0], x3[:, :, 0], cache)
     n, c, _ = x3.shape
     m = n * length
     mean, invstd = cache.mean, cache.invstd
@@ -284,6 +288,61 @@ def batch_norm_backward(
         out += h[:, None]
         out += dy3[block] * k[:, None]
     return dx.reshape(x.shape), dgamma, dbeta
+
+
+def _dense_forward(x, x2, gamma, beta, eps) -> tuple[np.ndarray, BNCache]:
+    """:func:`batch_norm_forward` for an (N, C) table (no spatial axes).
+
+    The same corrected two-pass statistics, but each per-channel sum is a matrix-vector product
+    over the rows (``ones @ x``) and the sum of squares an ``einsum``, a block of rows at a time
+    so that x − μ, written straight into the output, is still in cache when it is reduced. (The
+    spatial path would reduce over a length-1 axis element by element here.)
+    """
+    n, c = x2.shape
+    dtype = x2.dtype
+    ones = np.ones(n, dtype=dtype)
+    mean = (ones @ x2) / n  # (1)
+    y = np.empty_like(x2)
+    residual = np.zeros(c, dtype=dtype)
+    sum_sq = np.zeros(c, dtype=dtype)
+    for block in _blocks(n, c):
+        out = np.subtract(x2[block], mean, out=y[block])  # x − μ
+        residual += ones[block] @ out
+        sum_sq += np.einsum("ij,ij->j", out, out)
+    var = np.maximum((sum_sq - residual * residual / n) / n, 0)  # (2), biased
+    mean = mean + residual / n
+    invstd = 1.0 / np.sqrt(var + eps)  # (3)
+    scale = (gamma * invstd).astype(dtype, copy=False)
+    shift = (beta - residual / n * scale).astype(dtype, copy=False)  # μ's correction folded in
+    for block in _blocks(n, c):
+        out = y[block]
+        out *= scale  # (4)
+        out += shift
+    cache = BNCache(x=x, mean=mean, var=var, invstd=invstd, gamma=gamma, eps=eps)
+    return y.reshape(x.shape), cache
+
+
+def _dense_backward(dy2, x2, cache: BNCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`batch_norm_backward` for an (N, C) table: the same blocked reductions as the forward."""
+    n, c = x2.shape
+    dtype = x2.dtype
+    mean = cache.mean.astype(dtype, copy=False)
+    dbeta = np.ones(n, dtype=dtype) @ dy2
+    sum_dy_xc = np.zeros(c, dtype=dtype)
+    for block in _blocks(n, c):
+        sum_dy_xc += np.einsum("ij,ij->j", dy2[block], x2[block] - mean)
+    dgamma = sum_dy_xc * cache.invstd
+    k = cache.gamma * cache.invstd
+    j = (-k * cache.invstd * dgamma / n).astype(dtype, copy=False)
+    h = (-k * dbeta / n).astype(dtype, copy=False)
+    k = k.astype(dtype, copy=False)
+    dx = np.empty_like(x2)
+    for block in _blocks(n, c):
+        out = np.subtract(x2[block], mean, out=dx[block])
+        out *= j
+        out += h
+        out += dy2[block] * k
+    return dx.reshape(cache.x.shape), dgamma, dbeta
 
 
 def batch_norm_inference(
