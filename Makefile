@@ -6,6 +6,8 @@
 #   make test-robust [NB=path] every notebook (or one) re-executed with BNBOOK_SEED=1, with BNBOOK_SEED=2,
 #                              and on another CPU kernel path; every assert must hold
 #   make test-exact            every stored output compared exactly (holds on the machine that wrote them)
+#   make test-lowest           `pip install .` at the lowest versions pyproject.toml admits, then the unit
+#                              tests and every notebook (BNBOOK_SEED=1) against that installed package
 #   make execute [NB=path]     re-execute every notebook (or one) in place to refresh stored outputs
 #   make student               the student edition: notebooks with stubs and graders, in _build/student
 #   make stable-cells          re-tag the cells whose outputs depend neither on the CPU nor on the draw
@@ -48,10 +50,10 @@ NBVAL_WORKERS ?= 2
 # Per-cell limit (s) when executing; generous because the machine may be shared.
 CELL_TIMEOUT ?= 300
 
-.PHONY: help venv vendor book student test test-robust test-exact stable-cells lint unit nbval browser execute test-nb clean
+.PHONY: help venv vendor book student test test-robust test-exact test-lowest stable-cells lint unit nbval browser execute test-nb clean
 
 help:
-	@sed -n '1,18p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,20p' Makefile | sed 's/^# \{0,1\}//'
 
 # --- environment -------------------------------------------------------------------------------
 venv: $(STAMP)
@@ -143,6 +145,25 @@ test-robust: $(STAMP)
 # so this holds only on a machine like the one that wrote the outputs (CONTRIBUTING.md).
 test-exact: $(STAMP)
 	$(NBVAL) --nbval
+
+# The package as a hosted notebook installs it (`pip install .`, not requirements.txt), at the floor
+# of every range in pyproject.toml (.ci/lowest.py; torch stays at the local build), in a fresh venv.
+# The tests and notebooks then import the installed copy, not the working tree; the notebooks run
+# under BNBOOK_SEED=1, so this is also a run on another draw.
+LOWEST := _build/lowest
+LOWEST_TOOLS := pytest pytest-xdist hypothesis nbval ipykernel nbformat pyyaml pandas keras
+test-lowest: $(STAMP)
+	rm -rf $(LOWEST) && $(BOOTSTRAP_PYTHON) -m venv $(LOWEST)/venv
+	$(PY) .ci/lowest.py > $(LOWEST)/floors.txt
+	@echo "floors: $$(tr '\n' ' ' < $(LOWEST)/floors.txt)"
+	$(LOWEST)/venv/bin/pip install --disable-pip-version-check -q torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')
+	$(LOWEST)/venv/bin/pip install --disable-pip-version-check -q . $(LOWEST_TOOLS) -c $(LOWEST)/floors.txt
+	$(LOWEST)/venv/bin/pip list --format=freeze | grep -iE '^(numpy|torch|matplotlib|ipywidgets|mlxtend|tqdm)=='
+	$(NB_ENV) $(LOWEST)/venv/bin/pytest tests -p no:cacheprovider -q --ignore=tests/test_browser.py \
+	  --ignore=tests/test_book.py --ignore=tests/test_student.py
+	cd /tmp && $(CURDIR)/$(LOWEST)/venv/bin/python -c 'import bnbook; print("testing", bnbook.__file__)'
+	$(NB_ENV) BNBOOK_SEED=1 $(LOWEST)/venv/bin/python -m pytest $(NOTEBOOKS) --nbval-lax -p tests.conftest \
+	  -p no:cacheprovider -n $(NBVAL_WORKERS) --dist loadfile
 
 # Re-tag the machine-independent cells: execute every notebook (or NB) on the other kernel path and
 # under BNBOOK_SEED=1 into _build/stable, and tag the cells whose outputs equal the stored ones in both.

@@ -11,7 +11,7 @@ subset live.
     python bench/cost.py --sections fusion fold   # only these; other sections' rows are kept
     python bench/cost.py --quick                  # smoke test: few repeats, small shapes, no CSV
 
-Sections: ``bandwidth`` (NumPy read/copy bandwidth against array size), ``roofline`` (the four
+Sections: ``bandwidth`` (NumPy read/copy bandwidth against array size), ``roofline`` (the
 implementations against the bandwidth limit, several shapes), ``fusion`` (BN and BN+ReLU, eager
 against torch.compile, and the kernels inductor writes), ``alloc`` (first touch of fresh pages),
 ``fold`` (folding BN into the layers before it, a trained small CNN), ``profile`` (BN's share of a
@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,18 @@ sys.path.insert(0, str(ROOT))
 
 import bnbook.numpy as bnp  # noqa: E402
 import bnbook.torch as bnt  # noqa: E402
+from bnbook.cost import (  # noqa: E402  (the chapter uses the same tools)
+    BYTES_PER_ELEMENT,
+    bandwidth_kernels,
+    bandwidth_limit,
+    cache_sizes,
+    cpu_model,
+    cpu_times,
+    format_caches,
+    minor_faults,
+    profiler_share,
+    training_step,
+)
 
 RESULTS = ROOT / "bench" / "results"
 CSV_PATH = RESULTS / "cost.csv"
@@ -95,28 +106,8 @@ def cpu_time_interleaved(
     min_sample: float = 0.002,
     warmup: int = 1,
 ) -> dict[str, list[float]]:
-    """CPU seconds per call of each function, ``repeats`` samples each, calls interleaved.
-
-    Each sample runs a function ``number`` times in a row (enough for ``min_sample`` CPU seconds,
-    chosen once per function), so that short calls are not dominated by the clock's granularity.
-    """
-    numbers = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        t0 = time.process_time()
-        fn()
-        once = max(time.process_time() - t0, 1e-6)
-        numbers[name] = max(1, int(min_sample / once))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            number = numbers[name]
-            t0 = time.process_time()
-            for _ in range(number):
-                fn()
-            samples[name].append((time.process_time() - t0) / number)
-    return samples
+    """CPU seconds per call of each function, ``repeats`` samples each (``bnbook.cost.cpu_times``)."""
+    return cpu_times(fns, repeats, min_sample, warmup).samples
 
 
 def medians(samples: dict[str, list[float]]) -> dict[str, float]:
@@ -125,10 +116,6 @@ def medians(samples: dict[str, list[float]]) -> dict[str, float]:
 
 def shape_str(shape) -> str:
     return "x".join(map(str, shape))
-
-
-def minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,16 +131,6 @@ def _read(path: str) -> str:
 
 
 def machine_rows() -> list[Row]:
-    cpu = "unknown"
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    caches = []
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        level, kind = _read(f"{index}/level"), _read(f"{index}/type")
-        if kind != "Instruction":
-            caches.append(f"L{level} {_read(f'{index}/size')}")
     blas = [
         f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture', '-')})"
         for i in threadpool_info()
@@ -161,9 +138,9 @@ def machine_rows() -> list[Row]:
     ]
     thp = _read("/sys/kernel/mm/transparent_hugepage/enabled")
     info = {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": str(os.cpu_count()),
-        "caches_per_core_or_shared": ", ".join(caches),
+        "caches_per_core_or_shared": format_caches(cache_sizes()),
         "memory_GiB": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f}",
         "transparent_hugepages": thp,
         "python": platform.python_version(),
@@ -180,7 +157,7 @@ def machine_rows() -> list[Row]:
         # Which version of the implementations was measured (sha256 of the files, first 12 digits).
         **{
             f"sha256_{name}": hashlib.sha256((ROOT / "bnbook" / name).read_bytes()).hexdigest()[:12]
-            for name in ("numpy.py", "torch.py", "fusion.py")
+            for name in ("numpy.py", "torch.py", "fusion.py", "cost.py")
         },
     }
     return [("machine", "", "", key, value) for key, value in info.items()]
@@ -189,29 +166,6 @@ def machine_rows() -> list[Row]:
 # --------------------------------------------------------------------------------------------
 # Bandwidth
 # --------------------------------------------------------------------------------------------
-
-
-def bandwidth_kernels(nbytes: int) -> tuple[dict[str, Callable], dict[str, int]]:
-    """NumPy kernels that move ``nbytes``-sized arrays, and the bytes each one moves per call.
-
-    read: a BLAS matrix-vector product with a ones vector (reads the array once);
-    copy: ``np.copyto`` (memcpy: reads once, writes once; may use non-temporal stores);
-    scale: ``np.multiply(a, s, out=b)`` (STREAM's "scale": reads once, writes once, ordinary stores).
-    """
-    n = nbytes // 4
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal(n, dtype=np.float32)
-    b = np.zeros_like(a)
-    width = 1024 if n % 1024 == 0 else 256
-    a2 = a.reshape(-1, width)
-    ones = np.ones(width, np.float32)
-    kernels = {
-        "read": lambda: a2 @ ones,
-        "copy": lambda: np.copyto(b, a),
-        "scale": lambda: np.multiply(a, np.float32(1.5), out=b),
-    }
-    moved = {"read": a.nbytes, "copy": 2 * a.nbytes, "scale": 2 * a.nbytes}
-    return kernels, moved
 
 
 def section_bandwidth(repeats: int, quick: bool) -> list[Row]:
@@ -233,20 +187,6 @@ def section_bandwidth(repeats: int, quick: bool) -> list[Row]:
 # --------------------------------------------------------------------------------------------
 # Roofline: the implementations against the bandwidth limit
 # --------------------------------------------------------------------------------------------
-
-#: Bytes per element of the minimal-traffic two-pass algorithm (float32), split by pass type:
-#: read-only passes and passes that read and write. Forward: mean (read x), variance (read x),
-#: normalise (read x, write y). Backward: two sums (read x, dy), then dx (read x, dy, write dx).
-BYTES_PER_ELEMENT = {
-    "fwd": {"read_only": 8, "read_write": 8},
-    "fwdbwd": {"read_only": 8 + 8, "read_write": 8 + 12},
-}
-
-
-def bandwidth_limit(numel: int, which: str, read_gbps: float, rw_gbps: float) -> float:
-    """Seconds the minimal-traffic algorithm needs at the measured bandwidths."""
-    b = BYTES_PER_ELEMENT[which]
-    return numel * (b["read_only"] / (read_gbps * 1e9) + b["read_write"] / (rw_gbps * 1e9))
 
 
 def _functional(kind: str):
@@ -678,44 +618,6 @@ def conv_net(channels: int, norm: bool) -> nn.Sequential:
     return cnn((channels, 2 * channels), norm=nn.BatchNorm2d if norm else nn.Identity)
 
 
-def training_step(model: nn.Module, batch: int, seed: int = 0) -> Callable[[], None]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-
-    def step():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def profiler_share(step: Callable[[], None], steps: int, runs: int = 5) -> float:
-    """Share of the operators' self time spent in batch-norm operators, median over ``runs``.
-
-    The profiler times operators with the wall clock, so a run in which another tenant preempted
-    us in the middle of one operator is skewed; the median over several runs of ``steps`` training
-    steps each is robust to that.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(2):
-        step()
-    shares = []
-    for _ in range(runs):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                step()
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events)
-        bn = sum(e.self_cpu_time_total for e in events if "batch_norm" in e.key.lower())
-        shares.append(bn / total)
-    return statistics.median(shares)
-
-
 def section_profile(repeats: int, quick: bool) -> list[Row]:
     rows: list[Row] = []
     batches = (16, 64) if quick else (8, 32, 128)
@@ -726,7 +628,7 @@ def section_profile(repeats: int, quick: bool) -> list[Row]:
             torch.manual_seed(0)
             with_bn = training_step(conv_net(c, True), batch)
             without = training_step(conv_net(c, False), batch)
-            share = profiler_share(with_bn, steps=5)
+            share = profiler_share(with_bn, steps=5, runs=5)
             med = medians(
                 cpu_time_interleaved({"bn": with_bn, "none": without}, max(5, repeats // 2))
             )

@@ -53,6 +53,8 @@ def glue(items: Mapping[str, str]) -> None:
     """Glue every ``key: text`` pair for the prose's ``{glue:text}`` roles (nothing is displayed).
 
     Only strings are accepted: a chapter formats each number itself (rounding is part of the claim).
+    Where myst-nb is not installed (a reader's own runtime), there is nothing to glue into, and
+    nothing happens.
 
     Raises
     ------
@@ -62,7 +64,9 @@ def glue(items: Mapping[str, str]) -> None:
     bad = {k: type(v).__name__ for k, v in items.items() if not isinstance(v, str)}
     if bad:
         raise TypeError(f"glue takes formatted strings; these keys are not str: {bad}")
-    from myst_nb import glue as _glue
-
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:  # a reader's runtime (Colab, say): gluing only serves the HTML book
+        return
     for key, text in items.items():
         _glue(key, text, display=False)

@@ -252,6 +252,7 @@ def check_batch_norm_backward(forward: Callable, backward: Callable, *, seed: in
                     f"{np.abs(got - want[key]).max():.3g}"
                 )
                 raise GradingError(_diagnose(got, mistakes[key], fallback))
+
         # dx against finite differences of the student's own forward: the formula, not the package
         def student_y(z, gamma=gamma, beta=beta, eps=eps):
             return _output(forward(z, gamma, beta, eps=eps), "forward")

@@ -7,6 +7,14 @@ buffer names, ``state_dict`` layout, train/eval behaviour, ``momentum=None``, ``
 ``bias=False``, ``track_running_stats=False`` and ``num_batches_tracked`` all follow PyTorch, so a
 state dict loads either way and outputs match to rounding.
 
+Devices, dtypes and layouts follow torch too: the output has the input's dtype and memory format
+(channels_last stays channels_last); a float16 or bfloat16 input, under ``torch.autocast`` or not,
+is normalised with float32 statistics and arithmetic (batch norm is on no autocast cast list, so
+a half input gives a half output and a float32 one a float32 output); γ, β and the running
+statistics keep their own dtype. On the CPU, large spatial inputs are processed a block of samples
+at a time so that temporaries stay in cache; on other devices, each step is one whole-tensor
+operation.
+
 >>> import torch
 >>> from bnbook.torch import BatchNorm2d
 >>> bn = BatchNorm2d(3)
@@ -17,9 +25,17 @@ state dict loads either way and outputs match to rounding.
 >>> _ = ref.load_state_dict(bn.state_dict())
 >>> bool(torch.allclose(ref.eval()(x), bn.eval()(x), atol=1e-6))
 True
+>>> x_cl = x.to(memory_format=torch.channels_last)
+>>> bn.train()(x_cl).is_contiguous(memory_format=torch.channels_last)
+True
+>>> with torch.autocast("cpu", dtype=torch.bfloat16):
+...     bn(x.bfloat16()).dtype, bn(x).dtype, bn.running_mean.dtype
+(torch.bfloat16, torch.float32, torch.float32)
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
@@ -44,37 +60,88 @@ __all__ = [
 ]
 
 
+# Half-precision inputs are normalised with float32 statistics and arithmetic, rounded once at the
+# end, as torch's kernels do; every other floating dtype computes in its own precision.
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for ``device_type`` while the twins compute: they choose their own dtypes.
+
+    Under ``torch.autocast`` a matrix product (``torch.linalg.vecdot`` on the CPU, ``torch.mv`` on
+    CUDA) would otherwise run in half precision and mix dtypes with the float32 statistics.
+    """
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout torch's batch norm gives its output: channels-last in, channels-last out."""
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=cl):
+            return cl
+    return torch.contiguous_format
+
+
+def _rows_layout(x: Tensor) -> bool:
+    """Whether ``x`` is best seen as (M, C) rows: one value per sample and channel (dense), or a
+    channels-last layout, where a view puts each channel in a column."""
+    return x.shape[2:].numel() == 1 or _memory_format(x) != torch.contiguous_format
+
+
 def _as_ncl(x: Tensor) -> Tensor:
     """(N, C, *spatial) as a contiguous (N, C, L): a view when ``x`` is contiguous."""
     return x.contiguous().view(x.shape[0], x.shape[1], -1)
 
 
-# Spatial inputs are processed a block of samples at a time, about this many elements per block
-# (1 MiB of float32), so that temporaries stay in cache instead of costing a full-size allocation.
+def _as_rows(x: Tensor) -> Tensor:
+    """(N, C, *spatial) as (M, C), one row per position: a view for (N, C) and channels-last input."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def _from_rows(rows: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`_as_rows`: a channels-last view of shape ``shape``."""
+    return rows.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+
+
+# On the CPU, spatial inputs are processed a block of samples at a time, about this many elements
+# per block (1 MiB of float32), so that temporaries stay in cache instead of costing a full-size
+# allocation.
 _BLOCK_ELEMENTS = 1 << 18
 
 
 def _blocks(t: Tensor) -> list[slice]:
-    """Slices over the batch axis, each about ``_BLOCK_ELEMENTS`` elements.
+    """Slices over the batch axis, each about ``_BLOCK_ELEMENTS`` elements, on the CPU.
 
-    Under ``torch.compile`` a single block: the compiler fuses whole-tensor operations itself, and
-    a Python loop over blocks would be unrolled into the graph.
+    A single block elsewhere: on a GPU every operation is a kernel launch, and a loop over small
+    blocks launched many tiny kernels (32–140× slower than cuDNN). A single block under
+    ``torch.compile`` too: the compiler fuses whole-tensor operations itself, and a Python loop
+    over blocks would be unrolled into the graph.
     """
     n, c, length = t.shape
-    if torch.compiler.is_compiling():
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
         return [slice(0, n)]
     step = max(1, _BLOCK_ELEMENTS // (c * length))
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
-def _channel_sum(t: Tensor) -> Tensor:
-    """Per-channel sum of an (N, C, L) tensor, L > 1.
+def _channel_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-channel sum of an (N, C, L) tensor, L > 1, accumulated in ``dtype`` (default t's).
 
-    A matrix–vector product with a ones vector over the contiguous last axis, then a sum over N:
-    several times faster on the CPU than ``t.sum(dim=(0, 2))``.
+    On the CPU, a matrix–vector product with a ones vector over the contiguous last axis, then a sum
+    over N: several times faster than ``t.sum(dim=(0, 2))``. Elsewhere, and for a half-precision
+    ``t`` summed in float32, the plain reduction.
     """
     n, c, length = t.shape
-    return torch.mv(t.reshape(n * c, length), t.new_ones(length)).view(n, c).sum(0)
+    if t.device.type == "cpu" and dtype in (None, t.dtype):
+        return torch.mv(t.reshape(n * c, length), t.new_ones(length)).view(n, c).sum(0)
+    return t.sum(dim=(0, 2), dtype=dtype)
 
 
 def _spatial_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
@@ -82,10 +149,11 @@ def _spatial_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
 
     Never E[x²] − E[x]²: μ first, then the mean square of x − μ, a block at a time. The residual
     Σ(x − μ), zero in exact arithmetic, measures the rounding error of μ; it corrects both μ and σ²
-    (the corrected two-pass algorithm of Chan, Golub and LeVeque).
+    (the corrected two-pass algorithm of Chan, Golub and LeVeque). Both come in float32 for a
+    half-precision ``x3`` (x − μ is then float32 by type promotion).
     """
     m = x3.shape[0] * x3.shape[2]
-    mean = _channel_sum(x3) / m  # (1)
+    mean = _channel_sum(x3, _compute_dtype(x3.dtype)) / m  # (1)
     residual = torch.zeros_like(mean)
     sum_sq = torch.zeros_like(mean)
     for block in _blocks(x3):
@@ -94,6 +162,48 @@ def _spatial_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
         sum_sq += torch.linalg.vecdot(centered, centered).sum(0)
     var = ((sum_sq - residual * residual / m) / m).clamp_(min=0)  # (2), biased
     return mean + residual / m, var
+
+
+def _centered_affine(
+    out: Tensor,
+    x3: Tensor,
+    mean: Tensor,
+    scale: Tensor,
+    shift: Tensor | None = None,
+    dy3: Tensor | None = None,
+    k: Tensor | None = None,
+) -> None:
+    """out = (x − μ)·scale + shift [+ k·dy], per channel, a block at a time (all (N, C, L)).
+
+    In place in ``out`` when it has the compute dtype; for a half-precision ``out`` each block is
+    computed in float32 and rounded once.
+    """
+    for block in _blocks(x3):
+        target = out[block]
+        direct = target.dtype == mean.dtype
+        t = torch.sub(x3[block], mean[:, None], out=target if direct else None)
+        t.mul_(scale[:, None])
+        if shift is not None:
+            t.add_(shift[:, None])
+        if dy3 is not None:
+            t.addcmul_(dy3[block], k[:, None])
+        if not direct:
+            target.copy_(t)
+
+
+def _rows_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """Forward over (M, C) rows: y (dtype of ``x2``) and x̂, μ, 1/σ, σ² (the compute dtype)."""
+    # (1), accumulated in float64: a float32 sum of values far from zero loses digits
+    mean = x2.mean(0, dtype=torch.float64).to(_compute_dtype(x2.dtype))
+    centered = x2 - mean  # the compute dtype, by type promotion
+    var = (centered * centered).mean(0)  # (2): two passes, biased
+    invstd = torch.rsqrt(var + eps)
+    x_hat = centered.mul_(invstd)  # (3), in place: the centred copy is ours
+    if weight is not None:
+        y = torch.addcmul(bias, x_hat, weight) if bias is not None else x_hat * weight
+    else:
+        y = x_hat + bias if bias is not None else x_hat.clone()
+    return y.to(x2.dtype), x_hat, mean, invstd, var
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -107,84 +217,72 @@ class BatchNormFunction(torch.autograd.Function):
 
         dx = γ/(m σ) (m dy − Σ dy − x̂ Σ dy x̂),   dγ = Σ dy x̂,   dβ = Σ dy
 
-    A dense (N, C) input saves x̂; a spatial input saves x and recomputes x − μ block by block, which
-    moves less memory than a full-size x̂ would.
+    A dense input (one value per sample and channel), and a channels-last one seen as (N·H·W, C)
+    rows, saves x̂; a contiguous spatial input saves x and recomputes x − μ block by block, which moves less memory than a
+    full-size x̂ would. ``y`` and ``dx`` keep the dtype and memory format of ``x``; a float16 or
+    bfloat16 ``x`` is normalised with float32 statistics and arithmetic (``mean`` and ``var`` are
+    float32), as in torch. Autocast is off inside: the function chooses its own dtypes.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        x3 = _as_ncl(x)
-        n, c, length = x3.shape
-        ctx.dense = length == 1
-        if ctx.dense:
-            x2 = x3[:, :, 0]
-            # (1), accumulated in float64: a float32 sum of values far from zero loses digits
-            mean = x2.mean(0, dtype=torch.float64).to(x2.dtype)
-            centered = x2 - mean
-            var = (centered * centered).mean(0)  # (2): two passes, biased
-            invstd = torch.rsqrt(var + eps)
-            x_hat = centered.mul_(invstd)  # (3), in place: the centred copy is ours
-            if weight is not None:
-                y = torch.addcmul(bias, x_hat, weight) if bias is not None else x_hat * weight
+        ctx.shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.rows = _rows_layout(x)
+        with _autocast_off(x.device.type):
+            if ctx.rows:
+                y2, x_hat, mean, invstd, var = _rows_forward(_as_rows(x), weight, bias, eps)
+                y = _from_rows(y2, x.shape)
+                ctx.save_for_backward(x_hat, mean, invstd, weight)
             else:
-                y = x_hat + bias if bias is not None else x_hat.clone()
-            ctx.save_for_backward(x_hat, mean, invstd, weight)
-        else:
-            mean, var = _spatial_stats(x3)
-            invstd = torch.rsqrt(var + eps)
-            # (3) and (4): y = (x − μ)·a + β, a = γ/σ per channel; x − μ first keeps float32 accurate.
-            scale = invstd if weight is None else invstd * weight
-            y3 = torch.empty_like(x3)
-            for block in _blocks(x3):
-                out = y3[block]
-                torch.sub(x3[block], mean[:, None], out=out)
-                out.mul_(scale[:, None])
-                if bias is not None:
-                    out.add_(bias[:, None])
-            y = y3
-            ctx.save_for_backward(x3, mean, invstd, weight)
-        ctx.has_bias = bias is not None
+                x3 = _as_ncl(x)
+                mean, var = _spatial_stats(x3)
+                invstd = torch.rsqrt(var + eps)
+                # (3) and (4): y = (x − μ)·a + β, a = γ/σ per channel; x − μ first keeps float32
+                # accurate.
+                scale = invstd if weight is None else invstd * weight
+                y3 = torch.empty_like(x3)
+                _centered_affine(y3, x3, mean, scale, bias)
+                y = y3.view(x.shape)
+                ctx.save_for_backward(x3, mean, invstd, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
-        return y.view(x.shape), mean, var
+        return y, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor, _dmean, _dvar):
         saved, mean, invstd, weight = ctx.saved_tensors
-        shape = dy.shape
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         k = invstd if weight is None else weight * invstd
         dx = None
-        if ctx.dense:
-            x_hat, dy2 = saved, dy.contiguous().view_as(saved)
-            m = dy2.shape[0]
-            sum_dy = dy2.sum(0)
-            sum_dy_xhat = torch.linalg.vecdot(dy2.t(), x_hat.t())
-            if need_dx:
-                # dx = k·dy − (k Σdy x̂ / m)·x̂ − k Σdy / m: two passes over one new tensor
-                dx = torch.addcmul(-k * sum_dy / m, x_hat, -k * sum_dy_xhat / m)
-                dx.addcmul_(dy2, k)
-        else:
-            x3, dy3 = saved, _as_ncl(dy)
-            m = dy3.shape[0] * dy3.shape[2]
-            sum_dy = _channel_sum(dy3)
-            sum_dy_xc = torch.zeros_like(mean)
-            for block in _blocks(x3):
-                sum_dy_xc += torch.linalg.vecdot(dy3[block], x3[block] - mean[:, None]).sum(0)
-            sum_dy_xhat = sum_dy_xc * invstd
-            if need_dx:
-                # dx = k·dy + j·(x − μ) + h, per channel j = −k σ⁻¹ Σdy x̂ / m, h = −k Σdy / m
-                j = (-k * invstd * sum_dy_xhat / m)[:, None]
-                h = (-k * sum_dy / m)[:, None]
-                dx = torch.empty_like(x3)
+        with _autocast_off(dy.device.type):
+            if ctx.rows:
+                x_hat, dy2 = saved, _as_rows(dy).to(mean.dtype)
+                m = dy2.shape[0]
+                sum_dy = dy2.sum(0)
+                sum_dy_xhat = torch.linalg.vecdot(dy2.t(), x_hat.t())
+                if need_dx:
+                    # dx = k·dy − (k Σdy x̂ / m)·x̂ − k Σdy / m: two passes over one new tensor
+                    dx = torch.addcmul(-k * sum_dy / m, x_hat, -k * sum_dy_xhat / m)
+                    dx = _from_rows(dx.addcmul_(dy2, k).to(ctx.x_dtype), ctx.shape)
+            else:
+                x3, dy3 = saved, _as_ncl(dy)
+                m = dy3.shape[0] * dy3.shape[2]
+                sum_dy = _channel_sum(dy3, mean.dtype)
+                sum_dy_xc = torch.zeros_like(mean)
                 for block in _blocks(x3):
-                    out = dx[block]
-                    torch.sub(x3[block], mean[:, None], out=out)
-                    out.mul_(j).add_(h).addcmul_(dy3[block], k[:, None])
-        if dx is not None:
-            dx = dx.view(shape)
-        dw = sum_dy_xhat if (need_dw and weight is not None) else None
-        db = sum_dy if (need_db and ctx.has_bias) else None
+                    centered = x3[block] - mean[:, None]
+                    sum_dy_xc += torch.linalg.vecdot(dy3[block].to(mean.dtype), centered).sum(0)
+                sum_dy_xhat = sum_dy_xc * invstd
+                if need_dx:
+                    # dx = k·dy + j·(x − μ) + h, per channel j = −k σ⁻¹ Σdy x̂ / m, h = −k Σdy / m
+                    j = -k * invstd * sum_dy_xhat / m
+                    h = -k * sum_dy / m
+                    dx = torch.empty_like(x3)
+                    _centered_affine(dx, x3, mean, j, h, dy3, k)
+                    dx = dx.view(ctx.shape)
+        dw = sum_dy_xhat.to(weight.dtype) if (need_dw and weight is not None) else None
+        db = sum_dy.to(ctx.bias_dtype) if (need_db and ctx.bias_dtype is not None) else None
         return dx, dw, db, None
 
 
@@ -214,16 +312,24 @@ def _eval_transform(
     """y = (x − μ) γ / sqrt(σ² + ε) + β with fixed statistics: one affine map per channel.
 
     Written with differentiable tensor operations, so autograd gives dx = γ/σ · dy, dγ = Σ dy x̂,
-    dβ = Σ dy (and no gradient flows into the statistics, which are buffers).
+    dβ = Σ dy (and no gradient flows into the statistics, which are buffers). The output has the
+    dtype and memory format of ``x``.
     """
-    x3 = _as_ncl(x)
+    if x.dtype in _LOW_PRECISION:  # float32 arithmetic, rounded once, as torch does
+        mean, var = mean.float(), var.float()
+    # (M, C) rows for dense and channels-last input (the views' backward then gives a channels-last
+    # dx too), (N, C, *spatial) broadcasting otherwise
+    rows = _rows_layout(x)
+    z = _as_rows(x) if rows else x.contiguous()
+    per_channel = (-1,) if rows else (-1,) + (1,) * (x.dim() - 2)
     scale = torch.rsqrt(var.detach() + eps)
     if weight is not None:
         scale = scale * weight
-    y = (x3 - mean.detach()[:, None]) * scale[:, None]
+    y = (z - mean.detach().view(per_channel)) * scale.view(per_channel)
     if bias is not None:
-        y = y + bias[:, None]
-    return y.view(x.shape)
+        y = y + bias.view(per_channel)
+    y = y.to(x.dtype)
+    return _from_rows(y, x.shape) if rows else y
 
 
 def batch_norm(

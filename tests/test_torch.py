@@ -258,6 +258,55 @@ def test_works_inside_a_model_and_trains():
     assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.parametrize("block_elements", [1, 1 << 30], ids=["one-sample-blocks", "one-block"])
+@pytest.mark.parametrize("dims", [(3,), (4,), (5,)])
+def test_blocked_and_whole_tensor_paths_match_torch(monkeypatch, dims, block_elements):
+    """The CPU's cache-blocked loop (one sample per block here) and the whole-tensor path that other
+    devices take (one block) both give torch's results."""
+    monkeypatch.setattr(bt, "_BLOCK_ELEMENTS", block_elements)
+    ours, ref, shape = make_pair(dims, {})
+    gen = torch.Generator().manual_seed(3)
+    x = 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64) + 1
+    run_step(ours, ref, x, torch.randn(shape, generator=gen, dtype=torch.float64))
+    x = x.bfloat16()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours.float()(xa), ref.float()(xb)
+    ya.float().sum().backward()
+    yb.float().sum().backward()
+    assert_close(ya.float(), yb.float(), rtol=1e-2, atol=1e-2)
+    assert_close(xa.grad.float(), xb.grad.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_no_call_into_torch_batch_norm():
+    """From scratch: neither torch's batch-norm functions nor its modules run inside the twins."""
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        for bn, x in [
+            (bt.BatchNorm1d(3), torch.randn(6, 3)),
+            (bt.BatchNorm2d(3), torch.randn(4, 3, 5, 5)),
+        ]:
+            x.requires_grad_()
+            bn(x).sum().backward()
+            bn(x.to(memory_format=torch.channels_last) if x.dim() == 4 else x)
+            bn.eval()(x).sum().backward()
+        F.batch_norm(
+            x, None, None, training=True
+        )  # the recorder sees torch's own when it is called
+    assert "batch_norm" in record.names
+    record.names.remove("batch_norm")
+    assert not [n for n in record.names if "norm" in n], record.names
+
+
 # ---------------------------------------------------------------------------- errors
 
 
