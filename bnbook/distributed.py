@@ -12,7 +12,7 @@ batch. Per training step and per layer it communicates
 * backward: the two per-channel sums Σ dy and Σ dy·x̂ — one ``all_reduce`` of 2C numbers.
 
 It runs on CPUs with the ``gloo`` backend (where ``torch.nn.SyncBatchNorm`` refuses to train) and on
-GPUs with ``nccl``. Constructor, parameters, buffers, ``state_dict`` and the momentum conventions are
+GPUs with ``nccl``, one GPU per worker (:func:`choose_backend`). Constructor, parameters, buffers, ``state_dict`` and the momentum conventions are
 those of ``torch.nn.BatchNorm*d``, inherited from :mod:`bnbook.torch`; outside training, or when no
 process group is initialised, it *is* :class:`bnbook.torch.BatchNorm2d`'s computation.
 
@@ -30,6 +30,8 @@ because spawned processes must be able to import them. With several GPUs, the sa
 
 from __future__ import annotations
 
+import math
+import os
 import pickle
 import queue as queue_module
 import time
@@ -43,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from bnbook._checks import shape_str
+from bnbook._checks import DtypeError, check_channels, shape_str
 from bnbook.torch import _BatchNorm
 
 __all__ = [
@@ -54,12 +56,14 @@ __all__ = [
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "bytes_per_step",
+    "choose_backend",
     "launch",
     "LOOPBACK",
     "equivalence_worker",
     "train_worker",
     "timing_worker",
     "tasks_worker",
+    "worker_info",
 ]
 
 #: Every process group of this module listens on the loopback interface only.
@@ -118,7 +122,8 @@ def _group_size(group) -> int:
 
 
 def _as_ncl(x: Tensor) -> Tensor:
-    return x.contiguous().view(x.shape[0], x.shape[1], -1)
+    # the length is spelled out: a view with -1 is ambiguous for an empty shard (N = 0)
+    return x.contiguous().view(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
 def local_stats(x3: Tensor) -> tuple[int, Tensor, Tensor]:
@@ -236,7 +241,8 @@ class SyncBatchNorm(_BatchNorm):
 
     Shape
     -----
-    Input (N, C, *) with at least 2 dimensions; output the same. N may differ between workers.
+    Input (N, C, *) with at least 2 dimensions, any number of them; output the same. N may differ
+    between workers, and may be 0 on some of them (an empty shard still joins the collectives).
 
     Raises
     ------
@@ -246,7 +252,6 @@ class SyncBatchNorm(_BatchNorm):
         Channel count ≠ ``num_features`` (:class:`bnbook._checks.ChannelMismatchError`).
     """
 
-    _input_dims = (2, 3, 4, 5)
     _shape_hint = "(N, C, *)"
 
     def __init__(
@@ -266,6 +271,22 @@ class SyncBatchNorm(_BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
         self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        # like torch.nn.SyncBatchNorm: any (N, C, *) input with at least two dimensions
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        if not input.is_floating_point():
+            raise DtypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
+        if input.dim() < 2:
+            raise ValueError(
+                f"expected at least 2D input (got {input.dim()}D input): SyncBatchNorm's input must "
+                f"have shape {self._shape_hint} with C = {self.num_features}, got "
+                f"{shape_str(input.shape)}"
+            )
+        check_channels(
+            "running_mean" if self.track_running_stats else "weight", self.num_features, input.shape
+        )
 
     def _synchronise(self) -> bool:
         return self.training and dist.is_available() and dist.is_initialized()
@@ -371,12 +392,56 @@ def bytes_per_step(channels: int, world_size: int, itemsize: int = 4) -> dict[st
 # --------------------------------------------------------------------------------------------
 
 
-def _default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+BACKENDS = ("gloo", "nccl")
+
+
+def _gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def choose_backend(world_size: int, backend: str | None = None) -> str:
+    """The process-group backend for ``world_size`` workers on this machine.
+
+    NCCL drives one GPU per process and refuses two processes on the same GPU ("Duplicate GPU
+    detected"), so ``None`` gives ``"nccl"`` only when there are at least ``world_size`` GPUs, and
+    ``"gloo"`` otherwise, with every worker on the CPU (gloo runs any number of CPU workers).
+
+    Parameters
+    ----------
+    world_size : int
+        Number of worker processes on this machine.
+    backend : {"gloo", "nccl"} or None
+        None: choose as above. A name is checked and returned.
+
+    Returns
+    -------
+    str
+        ``"gloo"`` or ``"nccl"``.
+
+    Raises
+    ------
+    ValueError
+        An unknown backend, or ``"nccl"`` with fewer GPUs than workers (the message gives both).
+
+    >>> choose_backend(2, "gloo")
+    'gloo'
+    """
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"backend must be None, 'gloo' or 'nccl', got {backend!r}")
+    gpus = _gpu_count()
+    if backend is None:
+        return "nccl" if world_size <= gpus else "gloo"
+    if backend == "nccl" and world_size > gpus:
+        raise ValueError(
+            f"backend='nccl' needs one GPU per worker, but world_size={world_size} workers were "
+            f"asked for and {gpus} GPU(s) are available; use backend='gloo' (or None) to run the "
+            "workers on the CPU"
+        )
+    return backend
 
 
 def _worker_device(rank: int, backend: str) -> torch.device:
-    if backend == "nccl":
+    if backend == "nccl":  # one GPU per worker (choose_backend made sure there are enough)
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device("cpu")
 
@@ -433,7 +498,8 @@ def launch(
     args : sequence
         Extra arguments, pickled to every worker.
     backend : {"gloo", "nccl"} or None
-        None: ``nccl`` when CUDA is available, else ``gloo``.
+        None: :func:`choose_backend` picks ``nccl`` when there is one GPU per worker, else
+        ``gloo`` with every worker on the CPU.
     timeout : float
         Seconds for the whole run.
 
@@ -444,6 +510,9 @@ def launch(
 
     Raises
     ------
+    ValueError
+        ``world_size`` < 1, an unknown backend, or ``nccl`` with fewer GPUs than workers (raised
+        before any process starts).
     RuntimeError
         A worker raised (the message holds its traceback) or died.
     TimeoutError
@@ -453,7 +522,7 @@ def launch(
 
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    backend = _default_backend() if backend is None else backend
+    backend = choose_backend(world_size, backend)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     store = dist.TCPStore(
@@ -581,8 +650,10 @@ def train_worker(
     global batch of ``world_size · per_worker_batch`` training images (from
     :func:`bnbook.train.batches` with ``seed``) is split into equal shards, one per worker. Batch norm
     is synchronised (:func:`convert_sync_batchnorm`) if ``sync``, else each worker normalises with its
-    own shard. Returns this worker's per-step training loss and the test accuracy of the final model
-    in evaluation mode.
+    own shard. Returns this worker's per-step training loss (``"loss"``), the test accuracy of the
+    final model in evaluation mode (``"test_acc"``), and its test accuracy in *training* mode
+    (``"train_mode_acc"``): the test images in groups of ``world_size · per_worker_batch``, each
+    worker normalising its shard of every group as in training (with its own shard, or synchronised).
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -619,31 +690,71 @@ def train_worker(
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    _, acc = evaluate(net, data.x_test.to(device), data.y_test.to(device))
-    return {"loss": losses, "test_acc": acc}
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    _, acc = evaluate(net, x_test, y_test)
+    return {
+        "loss": losses,
+        "test_acc": acc,
+        "train_mode_acc": _train_mode_accuracy(
+            net, x_test, y_test, rank, world_size, per_worker_batch
+        ),
+    }
+
+
+def _train_mode_accuracy(
+    net: nn.Module, x: Tensor, y: Tensor, rank: int, world_size: int, per_worker_batch: int
+) -> float:
+    """Accuracy with batch statistics, as in training: ``x`` in consecutive groups of
+    ``world_size · per_worker_batch``, this worker taking its shard of each. Every worker runs the
+    same number of forward passes, so synchronised layers meet in their collectives. The running
+    statistics move; call it last."""
+    group = world_size * per_worker_batch
+    correct, seen = 0, 0
+    net.train()
+    with torch.no_grad():
+        for start in range(0, len(x) // group * group, group):
+            shard = slice(start + rank * per_worker_batch, start + (rank + 1) * per_worker_batch)
+            correct += int((net(x[shard]).argmax(1) == y[shard]).sum())
+            seen += per_worker_batch
+    net.eval()
+    return correct / seen
 
 
 def timing_worker(
-    rank: int, world_size: int, shape: Sequence[int], repeats: int = 30
+    rank: int,
+    world_size: int,
+    shape: Sequence[int],
+    repeats: int = 30,
+    payload_factor: int = 64,
 ) -> dict[str, float]:
-    """Median seconds of one training forward + backward of a batch-norm layer on this rank's input
-    of ``shape``, synchronised and local, and of the bare collectives the synchronised layer issues
-    (interleaved, so that both see the same machine load)."""
+    """Median seconds, on this rank, of one training forward + backward of a batch-norm layer on an
+    input of ``shape``, synchronised (``"sync"``) and local (``"local"``); of the two bare
+    collectives the synchronised layer issues (``"collectives"``: an ``all_gather`` of 2C + 1 and
+    an ``all_reduce`` of 2C numbers); and of the same two collectives with ``payload_factor`` times
+    as many numbers (``"collectives_large"``). The four are interleaved, so that all see the same
+    machine load; the input is drawn with :func:`bnbook.seed` ``(rank)``."""
+    from bnbook import seed as run_seed
     from bnbook.torch import BatchNorm2d
 
     device = _worker_device(rank, dist.get_backend())
-    gen = torch.Generator().manual_seed(rank)
+    gen = torch.Generator().manual_seed(run_seed(rank))
     x = torch.randn(*shape, generator=gen).to(device).requires_grad_(True)
     dy = torch.randn(*shape, generator=gen).to(device)
     channels = shape[1]
     layers = {"sync": SyncBatchNorm(channels).to(device), "local": BatchNorm2d(channels).to(device)}
-    gather_buf = torch.zeros(2 * channels + 1, device=device)
-    reduce_buf = torch.zeros(2 * channels, device=device)
+    buffers = {
+        name: (
+            torch.zeros(k * (2 * channels + 1), device=device),
+            torch.zeros(k * 2 * channels, device=device),
+        )
+        for name, k in (("collectives", 1), ("collectives_large", payload_factor))
+    }
 
     def run(name: str) -> float:
         dist.barrier()
         start = time.perf_counter()
-        if name == "collectives":
+        if name in buffers:
+            gather_buf, reduce_buf = buffers[name]
             out = [torch.empty_like(gather_buf) for _ in range(world_size)]
             dist.all_gather(out, gather_buf)
             dist.all_reduce(reduce_buf)
@@ -653,7 +764,7 @@ def timing_worker(
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {"sync": [], "local": [], "collectives": []}
+    times: dict[str, list[float]] = {name: [] for name in (*layers, *buffers)}
     for _ in range(3):  # warm-up
         for name in times:
             run(name)
@@ -661,6 +772,16 @@ def timing_worker(
         for name in times:
             times[name].append(run(name))
     return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+
+
+def worker_info(rank: int, world_size: int) -> dict[str, Any]:
+    """Where this worker runs: its rank, the process group's backend and its device."""
+    return {
+        "rank": rank,
+        "world_size": world_size,
+        "backend": str(dist.get_backend()),
+        "device": str(_worker_device(rank, dist.get_backend())),
+    }
 
 
 def tasks_worker(
@@ -678,11 +799,15 @@ def tasks_worker(
 
 def _torchrun_main() -> None:  # pragma: no cover - exercised by hand with torchrun
     """Under ``torchrun``: check the synchronised layer against one process on the whole batch."""
-    backend = _default_backend()
+    from bnbook import seed as run_seed
+
+    backend = choose_backend(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(run_seed(0))
         x = torch.randn(4 * world, 3, 5, 5, generator=gen, dtype=torch.float64)
         grads = [torch.randn(x.shape, generator=gen, dtype=torch.float64)]
         mine = equivalence_worker(rank, world, x, grads)

@@ -164,6 +164,29 @@ def test_one_value_per_channel_raises(group_of_one):
         D.SyncBatchNorm(3)(torch.randn(1, 3))
 
 
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 5), (2, 3, 2, 2, 2, 2)])
+def test_any_rank_from_two_up(group_of_one, shape):
+    ours = D.SyncBatchNorm(3, dtype=F64)
+    ref = nn.BatchNorm1d(3, dtype=F64)
+    x = torch.randn(shape, dtype=F64) * 2 + 1
+    y_ref = ref(x.reshape(shape[0], 3, -1)).reshape(shape)
+    torch.testing.assert_close(ours(x), y_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ours.running_var, ref.running_var, atol=1e-12, rtol=0)
+    ours.eval()
+    ref.eval()
+    y_ref = ref(x.reshape(shape[0], 3, -1)).reshape(shape)
+    torch.testing.assert_close(ours(x), y_ref, atol=1e-12, rtol=0)
+
+
+def test_input_errors():
+    with pytest.raises(ValueError, match="1D input"):
+        D.SyncBatchNorm(3)(torch.randn(3))
+    with pytest.raises(TypeError, match="floating-point"):
+        D.SyncBatchNorm(3)(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="should contain 4 elements not 3"):
+        D.SyncBatchNorm(3)(torch.randn(2, 4, 5))
+
+
 # --------------------------------------------------------------------------------------------
 # The converter
 # --------------------------------------------------------------------------------------------
@@ -199,8 +222,8 @@ def test_convert_sync_batchnorm_keeps_state_and_mode():
 
 
 def _single_process(x, grads, momentum=0.1):
-    cls = nn.BatchNorm2d if x.dim() == 4 else nn.BatchNorm1d
-    ref = cls(x.shape[1], momentum=momentum, dtype=x.dtype)
+    # torch's BatchNorm1d on the (N, C, L) view: the reference for an input of any rank >= 2
+    ref = nn.BatchNorm1d(x.shape[1], momentum=momentum, dtype=x.dtype)
     with torch.no_grad():
         ref.weight.copy_(torch.linspace(0.5, 1.5, x.shape[1], dtype=x.dtype))
         ref.bias.copy_(torch.linspace(-0.2, 0.2, x.shape[1], dtype=x.dtype))
@@ -208,7 +231,7 @@ def _single_process(x, grads, momentum=0.1):
     for t, g in enumerate(grads):
         xr = (x + t).clone().requires_grad_(True)
         ref.zero_grad()
-        y = ref(xr)
+        y = ref(xr.reshape(x.shape[0], x.shape[1], -1)).reshape(x.shape)
         y.backward(g)
         out.append((y.detach(), xr.grad, ref.weight.grad.clone(), ref.bias.grad.clone()))
     return out, ref
@@ -252,16 +275,37 @@ def test_two_processes_equal_one_process_on_the_whole_batch(monkeypatch):
     x32, g32 = x64.float(), [g.float() for g in g64]
     x_odd = torch.randn(7, 2, 3, generator=gen, dtype=F64)
     g_odd = [torch.randn(x_odd.shape, generator=gen, dtype=F64)]
+    x_6d = torch.randn(5, 2, 3, 2, 2, 2, generator=gen, dtype=F64) * 3 - 1
+    g_6d = [torch.randn(x_6d.shape, generator=gen, dtype=F64) for _ in range(2)]
+    x_2d = torch.randn(6, 4, generator=gen, dtype=F64)
+    g_2d = [torch.randn(x_2d.shape, generator=gen, dtype=F64)]
     tasks = [
         (D.equivalence_worker, {"x": x64, "grads": g64}),
         (D.equivalence_worker, {"x": x32, "grads": g32}),
         # unequal shards (3 and 4 samples) and the cumulative average
         (D.equivalence_worker, {"x": x_odd, "grads": g_odd, "sizes": (3, 4), "momentum": None}),
+        # an empty shard on rank 0, and inputs of rank 6 and 2, as torch.nn.SyncBatchNorm allows
+        (D.equivalence_worker, {"x": x_6d, "grads": g_6d, "sizes": (0, 5)}),
+        (D.equivalence_worker, {"x": x_2d, "grads": g_2d, "sizes": (2, 4)}),
+        (D.worker_info, {}),
     ]
     per_rank = D.launch(D.tasks_worker, 2, (tasks,), timeout=120)
     _check_two_process([r[0] for r in per_rank], x64, g64, tol=1e-9)
     _check_two_process([r[1] for r in per_rank], x32, g32, tol=1e-5)
     _check_two_process([r[2] for r in per_rank], x_odd, g_odd, tol=1e-9, momentum=None)
+    _check_two_process([r[3] for r in per_rank], x_6d, g_6d, tol=1e-9)
+    assert per_rank[0][3]["y"][0].shape == (0, 2, 3, 2, 2, 2)
+    _check_two_process([r[4] for r in per_rank], x_2d, g_2d, tol=1e-9)
+    expected = D.choose_backend(2)
+    assert [r[5] for r in per_rank] == [
+        {
+            "rank": k,
+            "world_size": 2,
+            "backend": expected,
+            "device": str(D._worker_device(k, expected)),
+        }
+        for k in range(2)
+    ]
     # the launcher served its store on one port, and closed it
     assert len(ports) == 1 and _port_is_free(ports[0])
 
@@ -277,5 +321,81 @@ def test_launch_reports_a_failing_worker_and_cleans_up():
 
 
 def test_launch_argument_errors():
+    import multiprocessing
+
     with pytest.raises(ValueError, match="world_size"):
         D.launch(D.tasks_worker, 0)
+    with pytest.raises(ValueError, match="backend must be"):
+        D.launch(D.tasks_worker, 1, backend="mpi")
+    if D._gpu_count() < 2:  # refused up front, before any worker starts
+        with pytest.raises(ValueError, match="backend='nccl'.*world_size=2"):
+            D.launch(D.tasks_worker, 2, ([],), backend="nccl")
+    assert multiprocessing.active_children() == []
+
+
+# --------------------------------------------------------------------------------------------
+# The backend: NCCL only with one GPU per worker
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend this machine has ``n`` GPUs: ``gpus(n)``."""
+
+    def set_count(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+    return set_count
+
+
+@pytest.mark.parametrize(
+    ("n_gpus", "world_size", "expected"),
+    [
+        (0, 1, "gloo"),
+        (0, 2, "gloo"),
+        (1, 1, "nccl"),
+        (1, 2, "gloo"),
+        (2, 2, "nccl"),
+        (2, 3, "gloo"),
+    ],
+)
+def test_choose_backend_takes_nccl_only_with_a_gpu_per_worker(gpus, n_gpus, world_size, expected):
+    gpus(n_gpus)
+    assert D.choose_backend(world_size) == expected
+    assert D.choose_backend(world_size, "gloo") == "gloo"
+
+
+@pytest.mark.parametrize(("n_gpus", "world_size"), [(0, 1), (0, 2), (1, 2), (3, 4)])
+def test_nccl_without_enough_gpus_is_refused(gpus, n_gpus, world_size):
+    gpus(n_gpus)
+    with pytest.raises(ValueError) as info:
+        D.choose_backend(world_size, "nccl")
+    message = str(info.value)
+    assert "nccl" in message and f"world_size={world_size}" in message
+    assert f"{n_gpus} GPU(s)" in message
+
+
+def test_nccl_with_enough_gpus_is_accepted(gpus):
+    gpus(4)
+    assert D.choose_backend(4, "nccl") == "nccl"
+    with pytest.raises(ValueError, match="backend must be"):
+        D.choose_backend(2, "NCCL")
+
+
+def test_a_single_gpu_launch_runs_two_workers_on_gloo(gpus):
+    gpus(1)  # the parent decides; the workers then never touch CUDA
+    infos = D.launch(D.tasks_worker, 2, ([(D.worker_info, {})],), timeout=120)
+    assert [i[0]["backend"] for i in infos] == ["gloo", "gloo"]
+    assert [i[0]["device"] for i in infos] == ["cpu", "cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs, one per worker")
+def test_nccl_two_gpus_equal_one_process():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 4, 4, generator=gen, dtype=F64) * 2 + 5
+    grads = [torch.randn(x.shape, generator=gen, dtype=F64) for _ in range(2)]
+    tasks = [(D.equivalence_worker, {"x": x, "grads": grads}), (D.worker_info, {})]
+    per_rank = D.launch(D.tasks_worker, 2, (tasks,), backend="nccl", timeout=120)
+    assert [r[1]["device"] for r in per_rank] == ["cuda:0", "cuda:1"]
+    _check_two_process([r[0] for r in per_rank], x, grads, tol=1e-9)
