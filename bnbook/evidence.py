@@ -3,7 +3,8 @@
 A measurement repeated over seeds is a sample, not a number. :func:`spread` turns it into the one
 string the prose quotes, the mean with the lowest and highest draw beside it, and :func:`glue`
 hands a chapter's strings to myst-nb in one call, so a hidden cell holds the claim's ``assert`` and
-little else.
+little else (:func:`glue_figure` does the same for a figure). Both do nothing in a runtime without
+myst-nb, such as a reader's Colab session: gluing serves only the HTML book.
 
 >>> spread([0.91, 0.903, 0.916], ".3f")
 '0.910 [0.903–0.916]'
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["spread", "glue"]
+__all__ = ["spread", "glue", "glue_figure"]
 
 
 def spread(values: Iterable[float], spec: str = ".3g") -> str:
@@ -70,3 +71,15 @@ def glue(items: Mapping[str, str]) -> None:
         return
     for key, text in items.items():
         _glue(key, text, display=False)
+
+
+def glue_figure(key: str, figure) -> None:
+    """Glue a matplotlib ``figure`` under ``key`` for a ``{glue:figure}`` elsewhere in the book.
+
+    Like :func:`glue`, nothing happens where myst-nb is not installed.
+    """
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:
+        return
+    _glue(key, figure, display=False)

@@ -386,3 +386,32 @@ def test_no_literal_seeds(path):
     nb = _read(path)
     found = [s for cell in _code_cells(nb) for s in _literal_seeds(cell.source)]
     assert not found, f"{path}: seeds must come from bnbook.seed/seeds: {found}"
+
+
+# --- what a reader's runtime and the HTML page need -----------------------------------------------
+CODE_COLUMN = 88  # characters of code the HTML book's code column shows without cutting
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", TOC_NOTEBOOKS)
+def test_code_fits_the_html_code_column(path):
+    long = [
+        line
+        for cell in _code_cells(_read(path))
+        for line in cell.source.splitlines()
+        if len(line) > CODE_COLUMN
+    ]
+    assert not long, f"{path}: code lines wider than {CODE_COLUMN} characters: {long[:3]}"
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", TOC_NOTEBOOKS)
+def test_no_build_tool_imported_by_a_chapter(path):
+    """Colab and Binder have no myst-nb: chapters glue through bnbook.evidence, which can do without."""
+    found = [
+        line
+        for cell in _code_cells(_read(path))
+        for line in cell.source.splitlines()
+        if re.match(r"\s*(from|import)\s+myst_nb\b", line)
+    ]
+    assert not found, f"{path}: import myst_nb directly: {found}"
