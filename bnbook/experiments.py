@@ -643,7 +643,7 @@ def evaluate_stacked(model: nn.Module, x: Tensor, y: Tensor) -> tuple[np.ndarray
         loss = loss.view(s, m).mean(1)
         acc = (logits.argmax(-1) == y).float().mean(1)
     model.train(was_training)
-    return loss.numpy().astype(np.float64), acc.numpy().astype(np.float64)
+    return loss.cpu().numpy().astype(np.float64), acc.cpu().numpy().astype(np.float64)
 
 
 def train_stacked(
@@ -718,12 +718,13 @@ def train_stacked(
     params = [p for p in model.parameters() if p.requires_grad]
     # one learning rate per element, laid out like each parameter: every parameter is
     # network-major, (S, ...) or (S·C,), so a (S, 1) column broadcasts over its rows
-    lr_col = torch.tensor(lr_arr, dtype=torch.float32)[:, None]
+    device = params[0].device if params else x_train.device
+    lr_col = torch.tensor(lr_arr, dtype=torch.float32, device=device)[:, None]
     lrs = [lr_col.expand(s, p.numel() // s).reshape(p.shape).contiguous() for p in params]
     buf1 = [torch.zeros_like(p) for p in params] if (optimizer == "adam" or momentum) else []
     buf2 = [torch.zeros_like(p) for p in params] if optimizer == "adam" else []
     scratch = [torch.zeros_like(p) for p in params] if optimizer == "adam" else []
-    idx = torch.from_numpy(batch_indices(len(x_train), batch_size, steps, seeds))
+    idx = torch.from_numpy(batch_indices(len(x_train), batch_size, steps, seeds)).to(x_train.device)
     eval_at = set(range(0, steps + 1, eval_every)) if eval_every else {0}
     eval_at.add(steps)
     rec_steps, rec_train, rec_loss, rec_acc = [], [], [], []
@@ -751,7 +752,7 @@ def train_stacked(
         for p in params:
             p.grad = None
         losses.sum().backward()
-        values = losses.detach().numpy().astype(np.float64)
+        values = losses.detach().cpu().numpy().astype(np.float64)
         diverged |= ~np.isfinite(values) | (values > diverge_loss)
         running += values
         count += 1
