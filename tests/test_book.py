@@ -392,15 +392,14 @@ def test_no_literal_seeds(path):
 CODE_COLUMN = 88  # characters of code the HTML book's code column shows without cutting
 
 
+def _code_lines(path: str) -> list[str]:
+    return [line for cell in _code_cells(_read(path)) for line in cell.source.splitlines()]
+
+
 @needs_notebooks
 @pytest.mark.parametrize("path", TOC_NOTEBOOKS)
 def test_code_fits_the_html_code_column(path):
-    long = [
-        line
-        for cell in _code_cells(_read(path))
-        for line in cell.source.splitlines()
-        if len(line) > CODE_COLUMN
-    ]
+    long = [line for line in _code_lines(path) if len(line) > CODE_COLUMN]
     assert not long, f"{path}: code lines wider than {CODE_COLUMN} characters: {long[:3]}"
 
 
@@ -408,10 +407,5 @@ def test_code_fits_the_html_code_column(path):
 @pytest.mark.parametrize("path", TOC_NOTEBOOKS)
 def test_no_build_tool_imported_by_a_chapter(path):
     """Colab and Binder have no myst-nb: chapters glue through bnbook.evidence, which can do without."""
-    found = [
-        line
-        for cell in _code_cells(_read(path))
-        for line in cell.source.splitlines()
-        if re.match(r"\s*(from|import)\s+myst_nb\b", line)
-    ]
+    found = [line for line in _code_lines(path) if re.match(r"\s*(from|import)\s+myst_nb\b", line)]
     assert not found, f"{path}: import myst_nb directly: {found}"
