@@ -16,9 +16,14 @@ channels into ``G`` groups. So one forward/backward pair, :func:`standardize_for
 (bars are means over the normalised axes; label ``eq-family-backward``) serves all of them, in NumPy
 and as one hand-written ``torch.autograd.Function``.
 
-The PyTorch modules are drop-in twins of ``torch.nn.LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``
-and ``torch.nn.utils.parametrizations.weight_norm`` (same arguments, parameter and buffer names, and
-``state_dict``); ``tests/test_norms.py`` checks them against PyTorch to 1e-9 in float64. Batch
+RMS normalisation (chapter ``ch-beyond``) drops the centring: ``x̂ = x / sqrt(mean(x²) + ε)``, whose
+backward is the formula above without its ``−ḡ`` term; :func:`rms_norm_forward` /
+:func:`rms_norm_backward` and a second hand-written ``torch.autograd.Function`` implement it.
+
+The PyTorch modules are drop-in twins of ``torch.nn.LayerNorm``, ``RMSNorm``, ``GroupNorm``,
+``InstanceNorm1d/2d/3d`` and ``torch.nn.utils.parametrizations.weight_norm`` (same arguments, parameter
+and buffer names, and ``state_dict``); ``tests/test_norms.py`` checks them against PyTorch to 1e-9 in
+float64. Batch
 renormalisation :class:`BatchRenorm2d`, :class:`BatchLayerNorm` and :class:`FullNormSketch` have no
 PyTorch counterpart; what each follows, and where it departs from its paper, is in its docstring.
 
@@ -60,6 +65,9 @@ __all__ = [
     "NormCache",
     "layer_norm_forward",
     "layer_norm_backward",
+    "RMSNormCache",
+    "rms_norm_forward",
+    "rms_norm_backward",
     "group_norm_forward",
     "group_norm_backward",
     "instance_norm_forward",
@@ -70,9 +78,11 @@ __all__ = [
     # PyTorch
     "standardize",
     "layer_norm",
+    "rms_norm",
     "group_norm",
     "instance_norm",
     "LayerNorm",
+    "RMSNorm",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
@@ -305,6 +315,115 @@ def layer_norm_backward(dy: np.ndarray, cache: NormCache):
     :func:`standardize_backward` of ``dy·weight``.
     """
     return _norm_backward(dy, cache)
+
+
+# --------------------------------------------------------------------------------------------
+# RMS normalisation (NumPy): no centring
+# --------------------------------------------------------------------------------------------
+
+
+class RMSNormCache(NamedTuple):
+    """What :func:`rms_norm_backward` needs: x̂ = x / rms and 1/rms (kept with size-1 axes)."""
+
+    x_hat: np.ndarray  #: x / sqrt(mean(x²) + ε), same shape as x
+    inv_rms: np.ndarray  #: 1 / sqrt(mean(x²) + ε), x's shape with the normalised axes set to 1
+    axes: tuple[int, ...]  #: the trailing axes the mean square was taken over
+    weight: np.ndarray | None  #: the elementwise scale used (None: none)
+
+
+def _rms_eps(eps: float | None, dtype) -> float:
+    """ε, or its default: the machine epsilon of the dtype the statistics are computed in."""
+    if eps is None:
+        return float(np.finfo(np.promote_types(dtype, np.float32)).eps)
+    check_eps(eps)
+    return float(eps)
+
+
+def rms_norm_forward(
+    x: np.ndarray,
+    normalized_shape: int | Sequence[int],
+    weight: np.ndarray | None = None,
+    eps: float | None = None,
+) -> tuple[np.ndarray, RMSNormCache]:
+    """RMS norm: divide by the root mean square over the trailing ``normalized_shape`` axes, then
+    scale elementwise (the convention of ``torch.nn.functional.rms_norm``; no mean, no shift).
+
+    ``y = weight · x / sqrt(mean(x²) + ε)``, equation ``eq-beyond-rms`` of chapter ``ch-beyond``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (*, *normalized_shape)
+    normalized_shape : int or sequence of int
+        The trailing shape to normalise over (for a Transformer's tokens, the model width d).
+    weight : ndarray of shape ``normalized_shape``, optional
+        Elementwise scale.
+    eps : float or None
+        ε > 0; None takes PyTorch's default, the machine epsilon of ``x``'s floating type
+        (of float32 for float16 input).
+
+    Returns
+    -------
+    y : ndarray, shape of ``x``
+    cache : RMSNormCache
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not floating point.
+    ValueError
+        The trailing shape of ``x`` or the shape of ``weight`` is not ``normalized_shape``, or
+        ``eps <= 0``.
+
+    >>> x = np.random.default_rng(0).normal(3.0, 1.0, size=(4, 8))
+    >>> y, cache = rms_norm_forward(x, 8)
+    >>> y.shape, np.round((y**2).mean(axis=1), 6), bool(abs(y.mean()) > 0.5)   # not centred
+    ((4, 8), array([1., 1., 1., 1.]), True)
+    """
+    x = _check_float(x, "x")
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or x.ndim < k or x.shape[x.ndim - k :] != shape:
+        raise ValueError(
+            f"Given normalized_shape={list(shape)}, expected x with shape [*, "
+            f"{', '.join(map(str, shape))}], but got shape {shape_str(x.shape)}"
+        )
+    if weight is not None and np.shape(weight) != shape:
+        raise ValueError(
+            f"weight must have shape {shape_str(shape)}, got {shape_str(np.shape(weight))}"
+        )
+    axes = tuple(range(x.ndim - k, x.ndim))
+    inv_rms = 1.0 / np.sqrt(np.square(x).mean(axis=axes, keepdims=True) + _rms_eps(eps, x.dtype))
+    x_hat = x * inv_rms
+    w = None if weight is None else np.asarray(weight)
+    y = x_hat if w is None else x_hat * w
+    return y, RMSNormCache(x_hat=x_hat, inv_rms=inv_rms, axes=axes, weight=w)
+
+
+def rms_norm_backward(dy: np.ndarray, cache: RMSNormCache) -> tuple[np.ndarray, np.ndarray | None]:
+    """Gradients of RMS norm: ``(dx, dweight)`` (``dweight`` is None without a weight).
+
+    With ``d = dy·weight`` and means over the normalised axes,
+    ``dx = (1/rms) · (d − x̂ · mean(d·x̂))`` (equation ``eq-beyond-rms-backward``): layer norm's
+    backward without its ``− mean(d)`` term, because nothing was subtracted. ``dweight`` sums
+    ``dy·x̂`` over the leading axes.
+
+    Raises
+    ------
+    ValueError
+        ``dy`` does not have the shape of the forward input.
+    """
+    dy = np.asarray(dy)
+    if dy.shape != cache.x_hat.shape:
+        raise ValueError(
+            f"dy must have the shape of the forward input {shape_str(cache.x_hat.shape)}, "
+            f"got {shape_str(dy.shape)}"
+        )
+    x_hat, axes = cache.x_hat, cache.axes
+    lead = tuple(range(dy.ndim - len(axes)))
+    dweight = None if cache.weight is None else (dy * x_hat).sum(axis=lead)
+    d = dy if cache.weight is None else dy * cache.weight
+    mean_dx = (d * x_hat).mean(axis=axes, keepdims=True)
+    return cache.inv_rms * (d - x_hat * mean_dx), dweight
 
 
 def group_norm_forward(
@@ -558,6 +677,61 @@ def layer_norm(
     return y
 
 
+class _RMSNormalize(torch.autograd.Function):
+    """x̂ = x / sqrt(mean(x²) + ε) over ``dims``, with the backward of eq. ``eq-beyond-rms-backward``
+    written by hand."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+        inv_rms = torch.rsqrt((x * x).mean(dim=dims, keepdim=True) + eps)
+        x_hat = x * inv_rms
+        ctx.save_for_backward(x_hat, inv_rms)
+        ctx.dims = dims
+        return x_hat
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x_hat, inv_rms = ctx.saved_tensors
+        mean_gx = (grad * x_hat).mean(dim=ctx.dims, keepdim=True)
+        return inv_rms * (grad - x_hat * mean_gx), None, None
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: int | Sequence[int],
+    weight: Tensor | None = None,
+    eps: float | None = None,
+) -> Tensor:
+    """Twin of ``torch.nn.functional.rms_norm``: ``weight · x / sqrt(mean(x²) + ε)`` over the
+    trailing ``normalized_shape`` dims, differentiable through :class:`_RMSNormalize`.
+
+    As in PyTorch, float16 and bfloat16 input is normalised and scaled in float32 and cast back
+    once, the output has the input's dtype, and ``eps=None`` means the machine epsilon of that
+    computation type (``torch.finfo``).
+
+    >>> rms_norm(torch.randn(2, 5, 16), (16,)).shape
+    torch.Size([2, 5, 16])
+    """
+    _check_tensor(input)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or input.dim() < k or tuple(input.shape[input.dim() - k :]) != shape:
+        raise RuntimeError(
+            f"Given normalized_shape={list(shape)}, expected input with shape [*, "
+            f"{', '.join(map(str, shape))}], but got input of size{list(input.shape)}"
+        )
+    compute = torch.promote_types(input.dtype, torch.float32)
+    if eps is None:
+        eps = torch.finfo(compute).eps
+    check_eps(eps)
+    dims = tuple(range(input.dim() - k, input.dim()))
+    y = _RMSNormalize.apply(input.to(compute), dims, float(eps))
+    if weight is not None:  # scaled before the cast back, as PyTorch's fused kernel does
+        y = y * weight.to(compute)
+    return y.to(input.dtype)
+
+
 def _per_channel(p: Tensor, ndim: int) -> Tensor:
     return p.reshape((1, -1) + (1,) * (ndim - 2))
 
@@ -695,6 +869,68 @@ class LayerNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        )
+
+
+class RMSNorm(nn.Module):
+    """Drop-in twin of ``torch.nn.RMSNorm`` built on :func:`rms_norm` (chapter ``ch-beyond``).
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+        Trailing shape to normalise over.
+    eps : float or None
+        ε > 0; None (the default, as in PyTorch) takes ``torch.finfo`` of the computation dtype
+        at every call.
+    elementwise_affine : bool
+        Learn ``weight`` (ones) of shape ``normalized_shape``. There is no bias.
+
+    Shape
+    -----
+    Input ``(*, *normalized_shape)``; output the same.
+
+    Raises
+    ------
+    ValueError
+        ``eps`` is given and not a positive number.
+
+    >>> RMSNorm(16)(torch.randn(2, 5, 16)).shape
+    torch.Size([2, 5, 16])
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int],
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if eps is not None:
+            check_eps(eps)
+        shape = (
+            (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        )
+        self.normalized_shape = shape
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+
+    def reset_parameters(self) -> None:
+        """Set ``weight`` back to ones (as PyTorch's ``reset_parameters``)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return (

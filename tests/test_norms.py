@@ -476,3 +476,130 @@ def test_errors():
     with pytest.raises(ValueError, match="dy must have"):
         _, cache = N.group_norm_forward(np.ones((2, 6, 2)) + np.arange(2)[:, None, None], 3)
         N.group_norm_backward(np.ones((2, 6)), cache)
+
+
+# --------------------------------------------------------------------------------------------
+# RMS normalisation (chapter ch-beyond)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("eps", [None, 1e-6, 0.3])
+@pytest.mark.parametrize("shape", [(6,), (5, 6), [4, 5, 6]])
+def test_rms_norm_matches_torch(x4, affine, eps, shape):
+    x = x4.permute(0, 2, 3, 1)[..., : shape[-1]].reshape(4, 5, 5, 6)  # trailing (…, 6)
+    x = x.reshape(-1, *tuple(shape)) if len(shape) > 1 else x
+    ours = N.RMSNorm(shape, eps=eps, elementwise_affine=affine, dtype=F64)
+    ref = nn.RMSNorm(shape, eps=eps, elementwise_affine=affine, dtype=F64)
+    _randomise(ours)
+    ref.load_state_dict(ours.state_dict())
+    assert repr(ours) == repr(ref)
+    _compare(ours, ref, x)
+
+
+def test_rms_norm_state_dict_and_reset_follow_torch():
+    ours, ref = N.RMSNorm((3, 4), dtype=F64), nn.RMSNorm((3, 4), dtype=F64)
+    _randomise(ref)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict()) == ["weight"]
+    torch.testing.assert_close(ours.weight, ref.weight, atol=0, rtol=0)
+    ours.reset_parameters()
+    assert bool((ours.weight == 1).all())
+    assert N.RMSNorm(4, elementwise_affine=False).weight is None
+
+
+def test_rms_norm_default_eps_is_torchs():
+    # Mean squares near float32's machine epsilon: the default eps changes the output visibly.
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2)) * 3e-4
+    ours, ref = N.RMSNorm(16)(x), nn.RMSNorm(16)(x)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    assert (ours - N.RMSNorm(16, eps=1e-6)(x)).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_low_precision_computes_in_float32_like_torch(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 7, 32, generator=gen) * 1e-3).to(dtype)
+    w = torch.randn(32, generator=gen).to(dtype)
+    ours = N.rms_norm(x, (32,), w)
+    ref = torch.nn.functional.rms_norm(x, (32,), w)
+    assert ours.dtype == ref.dtype == dtype
+    torch.testing.assert_close(ours.float(), ref.float(), atol=0, rtol=0)
+
+
+def test_rms_norm_gradcheck():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 5, generator=gen, dtype=F64, requires_grad=True)
+    w = torch.randn(4, 5, generator=gen, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: N.rms_norm(a, (4, 5), b, 1e-5), (x, w))
+    assert torch.autograd.gradcheck(lambda a: N.rms_norm(a, 5, None, 1e-5), (x,))
+
+
+def test_numpy_rms_norm_matches_torch_and_numerical_gradient():
+    rng = np.random.default_rng(5)
+    x = rng.normal(1.0, 2.0, size=(3, 4, 6))
+    w = rng.normal(size=6)
+    g = rng.normal(size=x.shape)
+    y, cache = N.rms_norm_forward(x, 6, w, eps=1e-5)
+    dx, dw = N.rms_norm_backward(g, cache)
+    xt = torch.tensor(x, requires_grad=True)
+    wt = torch.tensor(w, requires_grad=True)
+    yt = torch.nn.functional.rms_norm(xt, (6,), wt, 1e-5)
+    (yt * torch.tensor(g)).sum().backward()
+    np.testing.assert_allclose(y, yt.detach().numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), atol=TOL, rtol=0)
+    np.testing.assert_allclose(dw, wt.grad.numpy(), atol=TOL, rtol=0)
+    num = numerical_gradient(lambda t: N.rms_norm_forward(t, 6, w, eps=1e-5)[0], x, g)
+    np.testing.assert_allclose(dx, num, atol=1e-7, rtol=0)
+    dx0, dw0 = N.rms_norm_backward(g, N.rms_norm_forward(x, (4, 6), eps=1e-5)[1])
+    assert dw0 is None and dx0.shape == x.shape
+
+
+def test_rms_backward_is_layer_norms_without_the_mean_term():
+    # For an input with zero mean over the normalised axes, layer norm's statistics and RMS
+    # norm's coincide, so their backward passes differ exactly by layer norm's -mean(d) term.
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(5, 8))
+    x -= x.mean(axis=1, keepdims=True)
+    d = rng.normal(size=x.shape)
+    _, rms_cache = N.rms_norm_forward(x, 8, eps=1e-5)
+    _, ln_cache = N.layer_norm_forward(x, 8, eps=1e-5)
+    dx_rms, _ = N.rms_norm_backward(d, rms_cache)
+    dx_ln, _, _ = N.layer_norm_backward(d, ln_cache)
+    np.testing.assert_allclose(dx_ln, dx_rms - rms_cache.inv_rms * d.mean(axis=1, keepdims=True))
+    assert np.abs(d.mean(axis=1)).min() > 1e-3  # the term is not trivially zero
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scale=st.floats(1e-2, 1e2),
+    seed=st.integers(0, 2**31 - 1),
+    d=st.integers(2, 16),
+)
+def test_rms_norm_is_invariant_to_positive_rescaling(scale, seed, d):
+    x = np.random.default_rng(seed).normal(size=(3, d))
+    eps = 1e-10
+    y1, c1 = N.rms_norm_forward(x, d, eps=eps)
+    y2, _ = N.rms_norm_forward(scale * x, d, eps=eps)
+    # eps breaks the invariance by at most eps / mean(x²) relative, for the smaller input
+    ms = np.minimum(1.0, scale**2) / c1.inv_rms.max() ** 2
+    np.testing.assert_allclose(y1, y2, rtol=10 * eps / ms + 1e-12, atol=1e-12)
+
+
+def test_rms_norm_errors():
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        N.RMSNorm(5)(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="eps"):
+        N.RMSNorm(5, eps=0.0)
+    with pytest.raises(ValueError, match="eps"):
+        N.rms_norm(torch.randn(2, 5), 5, eps=-1.0)
+    with pytest.raises(TypeError, match="floating"):
+        N.RMSNorm(4)(torch.arange(8).reshape(2, 4))
+    with pytest.raises(TypeError, match="floating"):
+        N.rms_norm_forward(np.arange(6).reshape(2, 3), 3)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        N.rms_norm_forward(np.ones((2, 3)), 4)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        N.rms_norm_forward(np.ones((2, 3)), 3, np.ones(4))
+    with pytest.raises(ValueError, match="dy must have"):
+        N.rms_norm_backward(np.ones((2, 4)), N.rms_norm_forward(np.ones((2, 3)), 3)[1])
