@@ -27,6 +27,19 @@ def shape_str(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + (",)" if len(shape) == 1 else ")")
 
 
+def check_grad_shape(grad, forward_shape: Sequence[int], name: str = "dy"):
+    """``grad`` as an array, or a ValueError if it lacks the shape of the forward input."""
+    import numpy as np
+
+    grad = np.asarray(grad)
+    if grad.shape != tuple(forward_shape):
+        raise ValueError(
+            f"{name} must have the shape of the forward input {shape_str(forward_shape)}, "
+            f"got {shape_str(grad.shape)}"
+        )
+    return grad
+
+
 def check_eps(eps: float) -> None:
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(

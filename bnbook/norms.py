@@ -51,6 +51,7 @@ from bnbook._checks import (
     ChannelMismatchError,
     DtypeError,
     check_eps,
+    check_grad_shape,
     check_momentum,
     check_num_features,
     shape_str,
@@ -204,12 +205,7 @@ def standardize_backward(dx_hat: np.ndarray, cache: StandardizeCache) -> np.ndar
     ValueError
         ``dx_hat`` does not have the shape of the forward input.
     """
-    dx_hat = np.asarray(dx_hat)
-    if dx_hat.shape != cache.x_hat.shape:
-        raise ValueError(
-            f"dx_hat must have the shape of the forward input {shape_str(cache.x_hat.shape)}, "
-            f"got {shape_str(dx_hat.shape)}"
-        )
+    dx_hat = check_grad_shape(dx_hat, cache.x_hat.shape, "dx_hat")
     x_hat, axes = cache.x_hat, cache.axes
     mean_g = dx_hat.mean(axis=axes, keepdims=True)
     mean_gx = (dx_hat * x_hat).mean(axis=axes, keepdims=True)
@@ -284,12 +280,7 @@ def layer_norm_forward(
 
 
 def _norm_backward(dy: np.ndarray, cache: NormCache):
-    dy = np.asarray(dy)
-    if dy.shape != cache.x_shape:
-        raise ValueError(
-            f"dy must have the shape of the forward input {shape_str(cache.x_shape)}, "
-            f"got {shape_str(dy.shape)}"
-        )
+    dy = check_grad_shape(dy, cache.x_shape)
     x_hat = cache.std.x_hat.reshape(cache.x_shape)
     if cache.kind == "layer":
         lead = tuple(range(dy.ndim - len(cache.std.axes)))
@@ -412,12 +403,7 @@ def rms_norm_backward(dy: np.ndarray, cache: RMSNormCache) -> tuple[np.ndarray, 
     ValueError
         ``dy`` does not have the shape of the forward input.
     """
-    dy = np.asarray(dy)
-    if dy.shape != cache.x_hat.shape:
-        raise ValueError(
-            f"dy must have the shape of the forward input {shape_str(cache.x_hat.shape)}, "
-            f"got {shape_str(dy.shape)}"
-        )
+    dy = check_grad_shape(dy, cache.x_hat.shape)
     x_hat, axes = cache.x_hat, cache.axes
     lead = tuple(range(dy.ndim - len(axes)))
     dweight = None if cache.weight is None else (dy * x_hat).sum(axis=lead)

@@ -40,6 +40,7 @@ from bnbook._checks import (
     ChannelMismatchError,
     DtypeError,
     check_eps,
+    check_grad_shape,
     check_momentum,
     check_num_features,
     check_training_size,
@@ -250,13 +251,8 @@ def batch_norm_backward(
     ValueError
         ``dy`` does not have the shape of the forward input.
     """
-    dy = np.asarray(dy)
     x = cache.x
-    if dy.shape != x.shape:
-        raise ValueError(
-            f"dy must have the shape of the forward input {shape_str(x.shape)}, "
-            f"got {shape_str(dy.shape)}"
-        )
+    dy = check_grad_shape(dy, x.shape)
     dy = dy.astype(x.dtype, copy=False)
     x3, length = _as_ncl(x)
     dy3, _ = _as_ncl(dy)
@@ -514,12 +510,7 @@ class BatchNorm:
         if self._batch_stats:
             dx, dgamma, dbeta = batch_norm_backward(dy, cache)
         else:
-            dy = np.asarray(dy)
-            if dy.shape != cache.x.shape:
-                raise ValueError(
-                    f"dy must have the shape of the forward input {shape_str(cache.x.shape)}, "
-                    f"got {shape_str(dy.shape)}"
-                )
+            dy = check_grad_shape(dy, cache.x.shape)
             dy3, _ = _as_ncl(dy)
             x_hat3, _ = _as_ncl(cache.x_hat)
             dbeta = _channel_sum(dy3)
