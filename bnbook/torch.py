@@ -40,6 +40,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from bnbook._checks import (
     DtypeError,
@@ -407,12 +408,27 @@ def batch_norm(
     return y
 
 
-class _BatchNorm(nn.Module):
-    """Common code of :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`."""
+class _NormBase(nn.Module):
+    """What every per-channel normalisation layer of the package shares, written once.
+
+    The constructor (torch's positional arguments, then ``bias`` keyword-only), the parameters γ
+    (``weight``) and β (``bias``), the buffers ``running_mean``, ``running_var`` (unbiased) and
+    ``num_batches_tracked``, ``reset_running_stats``/``reset_parameters``, ``extra_repr``,
+    state-dict versioning, input checks, the momentum rule (``momentum=None`` is the cumulative
+    average) and the in-place running-statistics update. Names and layout follow
+    ``torch.nn.BatchNorm*d``, so a state dict loads either way.
+
+    A variant overrides only :meth:`_forward_batch`: how training-mode statistics are computed and
+    applied. Evaluation with running statistics (:meth:`_forward_running`) is the same affine map
+    for every variant. Exceptions follow one policy (:mod:`bnbook._checks`): ValueError for a
+    wrong rank or too few values per channel, :class:`~bnbook._checks.ChannelMismatchError` (a
+    ValueError and a RuntimeError) for a wrong channel count,
+    :class:`~bnbook._checks.DtypeError` for a non-floating input.
+    """
 
     _version = 2
-    _input_dims: tuple[int, ...] = ()
-    _shape_hint = ""
+    _input_dims: tuple[int, ...] = ()  # allowed input ranks; () means any rank ≥ 2
+    _shape_hint = "(N, C, *)"
     __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
 
     def __init__(
@@ -431,7 +447,7 @@ class _BatchNorm(nn.Module):
         check_eps(eps)
         check_momentum(momentum)
         factory = {"device": device, "dtype": dtype}
-        super().__init__()
+        nn.Module.__init__(self)  # not torch's _NormBase: parameters and buffers are made here
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -492,14 +508,21 @@ class _BatchNorm(nn.Module):
                 and self.num_batches_tracked.device != torch.device("meta")
                 else torch.tensor(0, dtype=torch.long)
             )
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        nn.Module._load_from_state_dict(
+            self,
+            state_dict,
+            prefix,
+            local_metadata,
+            strict,
+            missing_keys,
+            unexpected_keys,
+            error_msgs,
         )
 
     def _check_input_dim(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-        if input.dim() not in self._input_dims:
+        if self._input_dims and input.dim() not in self._input_dims:
             expected = " or ".join(f"{d}D" for d in self._input_dims)
             raise ValueError(
                 f"expected {expected} input (got {input.dim()}D input): {type(self).__name__}'s "
@@ -511,24 +534,79 @@ class _BatchNorm(nn.Module):
             "running_mean" if self.track_running_stats else "weight", self.num_features, input.shape
         )
 
+    def _uses_batch_stats(self) -> bool:
+        """Batch statistics in training mode, and in eval mode without running statistics."""
+        return self.training or (self.running_mean is None and self.running_var is None)
+
+    def _momentum_factor(self) -> float:
+        """This training step's weight of the new batch statistics; counts the step.
+
+        ``momentum``, or 1/t for ``momentum=None`` (the cumulative average over t steps); 0 when
+        running statistics are not tracked.
+        """
+        if not (
+            self.training and self.track_running_stats and self.num_batches_tracked is not None
+        ):
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return float(self.momentum)
+
+    def _update_running_stats(self, mean: Tensor, var: Tensor, count: int, factor: float) -> None:
+        """running ← (1 − factor)·running + factor·batch, in place and in the buffers' dtype.
+
+        ``var`` is the biased batch variance over ``count`` values per channel; the running
+        variance receives the unbiased one, var·count/(count − 1). Nothing changes for an empty
+        batch (``count == 0``), as in torch.
+        """
+        if count == 0 or not self.training or self.running_mean is None:
+            return
+        with torch.no_grad():
+            self.running_mean.mul_(1 - factor).add_(
+                mean.detach().to(self.running_mean.dtype), alpha=factor
+            )
+            unbiased = var.detach() * (count / max(count - 1, 1))
+            self.running_var.mul_(1 - factor).add_(
+                unbiased.to(self.running_var.dtype), alpha=factor
+            )
+
+    def _forward_running(self, input: Tensor) -> Tensor:
+        """Evaluation with the running statistics: one affine map per channel."""
+        return _eval_transform(
+            input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+        )
+
+    def _forward_batch(self, input: Tensor, factor: float) -> Tensor:
+        """Training-mode output; updates the running statistics with weight ``factor``."""
+        raise NotImplementedError
+
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        # Batch statistics in training mode, and in eval mode when there are no running statistics.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # Running statistics are passed only to be updated (training) or used (eval).
-        track = not self.training or self.track_running_stats
+        if self._uses_batch_stats():
+            return self._forward_batch(input, self._momentum_factor())
+        return self._forward_running(input)
+
+
+class _BatchNorm(_NormBase, _TorchBatchNorm):
+    """Common code of :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d`.
+
+    Also an instance of ``torch.nn.modules.batchnorm._BatchNorm`` (for ``isinstance`` checks in
+    torch's utilities: ``SyncBatchNorm.convert_sync_batchnorm``, ``torch.func``'s
+    ``replace_all_batch_norm_modules_``, quantization's fusion), but none of its code runs: every
+    method it would contribute is defined in :class:`_NormBase`.
+    """
+
+    def _forward_batch(self, input: Tensor, factor: float) -> Tensor:
+        # Running statistics are passed only to be updated.
+        track = self.track_running_stats
         return batch_norm(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
             self.weight,
             self.bias,
-            use_batch_stats,
+            True,
             factor,
             self.eps,
         )
