@@ -45,6 +45,7 @@ __all__ = [
     "weighted_layers",
     "internal_covariate_shift",
     "smoothness",
+    "precise_bn",
 ]
 
 #: Step sizes along ``-g`` at which :func:`smoothness` evaluates the loss and the gradient: eight
@@ -345,3 +346,68 @@ def smoothness(
         [losses_t.amax(0) - losses_t.amin(0), changes_t.amax(0), k_eff], dim=1
     )  # (S, 3)
     return _to_numpy(out, stacked=value.dim() == 1)
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    """A batch-norm layer whose evaluation uses running statistics (torch's or the package's)."""
+    from bnbook.torch import _NormBase  # noqa: PLC0415 (bnbook.torch imports nothing from here)
+
+    return isinstance(module, (_NormBase, nn.modules.batchnorm._BatchNorm)) and (
+        module.running_mean is not None
+    )
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, x: Tensor, batch_size: int | None = None) -> nn.Module:
+    """A copy of ``model`` whose running statistics are recomputed at its current weights.
+
+    Every batch-norm layer (``torch.nn.BatchNorm*d``, the package's twins and variants) forgets its
+    running statistics and averages, with equal weights (``momentum=None``), the batch statistics
+    of ``x`` cut into consecutive batches of ``batch_size`` samples (``None``: all of ``x`` as one
+    batch, which gives the exact mean and unbiased variance of ``x`` at every layer). This is the
+    population estimate of Ioffe and Szegedy's Algorithm 2 (chapter ``ch-inference``), and the
+    re-estimation on new data of chapter ``ch-challenges``. ``model`` itself is left unchanged.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network; its mode does not matter (the copy is returned in evaluation mode).
+    x : Tensor
+        Inputs, on the model's device; a trailing incomplete batch is dropped.
+    batch_size : int or None
+        Samples per batch.
+
+    Returns
+    -------
+    nn.Module
+        The copy, in evaluation mode.
+
+    Raises
+    ------
+    ValueError
+        If ``batch_size`` is not None and not in [2, len(x)].
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    >>> x = torch.randn(64, 3)
+    >>> fresh = precise_bn(net, x)
+    >>> h = net[0](x)
+    >>> bool(torch.allclose(fresh[1].running_mean, h.mean(0), atol=1e-6))
+    True
+    >>> bool(torch.allclose(fresh[1].running_var, h.var(0), atol=1e-5))
+    True
+    """
+    n = len(x)
+    if batch_size is not None and not 2 <= batch_size <= n:
+        raise ValueError(f"batch_size must be None or in [2, len(x) = {n}], got {batch_size!r}")
+    step = n if batch_size is None else batch_size
+    model = copy.deepcopy(model)
+    for layer in model.modules():
+        if _has_running_stats(layer):
+            layer.reset_running_stats()
+            layer.momentum = None  # cumulative average: every batch counts equally
+    model.train()
+    for start in range(0, n - step + 1, step):
+        model(x[start : start + step])
+    return model.eval()

@@ -13,9 +13,11 @@ from bnbook.measure import (
     internal_covariate_shift,
     loss_and_gradients,
     per_model_cross_entropy,
+    precise_bn,
     smoothness,
     weighted_layers,
 )
+from bnbook.torch import BatchNorm1d
 
 D = torch.float64
 
@@ -197,3 +199,19 @@ def test_default_needs_a_layer_between_first_and_last():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="pass layers="):
         internal_covariate_shift(net, torch.randn(5, 3), torch.randint(0, 2, (5,)), 0.1)
+
+
+@pytest.mark.parametrize("bn", [torch.nn.BatchNorm1d, BatchNorm1d])
+def test_precise_bn_averages_batch_statistics_and_leaves_model_alone(bn):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), bn(4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(70, 5)
+    fresh = precise_bn(net, x, batch_size=20)  # three batches of 20; the last 10 dropped
+    h = net[0](x[:60]).detach().view(3, 20, 4)
+    assert not fresh.training and net.training
+    torch.testing.assert_close(fresh[1].running_mean, h.mean(1).mean(0))
+    torch.testing.assert_close(fresh[1].running_var, h.var(1).mean(0))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="batch_size"):
+        precise_bn(net, x, batch_size=1)
