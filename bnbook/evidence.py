@@ -50,27 +50,48 @@ def spread(values: Iterable[float], spec: str = ".3g") -> str:
     return f"{mean} [{format(arr.min(), spec)}–{format(arr.max(), spec)}]"
 
 
-def glue(items: Mapping[str, str]) -> None:
-    """Glue every ``key: text`` pair for the prose's ``{glue:text}`` roles (nothing is displayed).
+def glue(
+    items: Mapping[str, str | int] | None = None, /, *, prefix: str = "", **values: str | int
+) -> None:
+    """Glue formatted numbers for the prose's ``{glue:text}`` roles (nothing is displayed).
 
-    Only strings are accepted: a chapter formats each number itself (rounding is part of the claim).
-    Where myst-nb is not installed (a reader's own runtime), there is nothing to glue into, and
-    nothing happens.
+    Pairs come as a mapping, as keyword arguments, or both. With ``prefix``, every key becomes
+    ``f"{prefix}-{key}"``, and a keyword's underscores become hyphens, so a chapter's hidden cell
+    stays short::
+
+        glue(prefix="inference", acc=spread(acc, ".1%"), n_train=len(x))
+        # glues "inference-acc" and "inference-n-train"
+
+    Values are strings, formatted by the chapter (rounding is part of the claim), or ints, which
+    are exact and print with thousands separators (``12,000``). Where myst-nb is not installed (a
+    reader's own runtime), there is nothing to glue into, and nothing happens.
 
     Raises
     ------
     TypeError
-        If a value is not a ``str``.
+        If a value is neither ``str`` nor ``int`` (a float must be formatted first; a bool is
+        refused).
+
+    >>> glue({"a-b": "1.0"}, prefix="ch", n_seeds=5)   # glues "ch-a-b" and "ch-n-seeds"
+    >>> glue(prefix="ch", acc=0.91)
+    Traceback (most recent call last):
+    TypeError: glue takes formatted strings or ints; these keys are not: {'acc': 'float'}
     """
-    bad = {k: type(v).__name__ for k, v in items.items() if not isinstance(v, str)}
+    pairs = {**(items or {}), **{k.replace("_", "-"): v for k, v in values.items()}}
+    bad = {
+        k: type(v).__name__
+        for k, v in pairs.items()
+        if isinstance(v, bool) or not isinstance(v, (str, int))
+    }
     if bad:
-        raise TypeError(f"glue takes formatted strings; these keys are not str: {bad}")
+        raise TypeError(f"glue takes formatted strings or ints; these keys are not: {bad}")
     try:
         from myst_nb import glue as _glue
     except ImportError:  # a reader's runtime (Colab, say): gluing only serves the HTML book
         return
-    for key, text in items.items():
-        _glue(key, text, display=False)
+    for key, value in pairs.items():
+        text = f"{value:,}" if isinstance(value, int) else value
+        _glue(f"{prefix}-{key}" if prefix else key, text, display=False)
 
 
 def glue_figure(key: str, figure) -> None:

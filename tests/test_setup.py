@@ -111,3 +111,18 @@ def test_spread_and_glue_formats():
             spread(bad)
     with pytest.raises(TypeError, match="formatted strings"):
         glue({"x-key": 0.5})
+    with pytest.raises(TypeError, match="flag"):
+        glue(prefix="ch", flag=True)
+
+
+def test_glue_prefixes_keys_and_formats_ints(monkeypatch):
+    import myst_nb
+
+    from bnbook.evidence import glue
+
+    glued = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda key, text, display: glued.update({key: text}))
+    glue({"acc": "91%"}, prefix="ch", n_train=12000)
+    assert glued == {"ch-acc": "91%", "ch-n-train": "12,000"}
+    glue({"plain-key": "x"})
+    assert glued["plain-key"] == "x"
