@@ -104,8 +104,8 @@ test: lint unit nbval book browser
 	@echo "make test: all checks passed"
 
 lint: $(STAMP)
-	$(BIN)/ruff check bnbook tests chapters .ci
-	$(BIN)/ruff format --check bnbook tests chapters .ci
+	$(BIN)/ruff check bnbook tests chapters .ci _ext
+	$(BIN)/ruff format --check bnbook tests chapters .ci _ext
 
 # Unit, property and parity tests of the package, its doctests, and the book-wide notebook checks.
 unit: $(STAMP)

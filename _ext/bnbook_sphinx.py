@@ -1,4 +1,6 @@
-"""Small Sphinx additions for the bnbook build (loaded by `_config.yml`: sphinx.extra_extensions).
+"""Small Sphinx additions for the bnbook build.
+
+Build tooling, kept outside the package: `_config.yml` loads this file as a local extension.
 
 Duplicate inline scripts: with Sphinx 7.4, an inline script that an extension adds with
 ``app.add_js_file(None, body=...)`` after the builder is initialised (sphinx-thebe and
