@@ -104,8 +104,8 @@ test: lint unit nbval book browser
 	@echo "make test: all checks passed"
 
 lint: $(STAMP)
-	$(BIN)/ruff check bnbook tests chapters .ci _ext
-	$(BIN)/ruff format --check bnbook tests chapters .ci _ext
+	$(BIN)/ruff check bnbook tests chapters bench .ci _ext
+	$(BIN)/ruff format --check bnbook tests chapters bench .ci _ext
 
 # Unit, property and parity tests of the package, its doctests, and the book-wide notebook checks.
 unit: $(STAMP)
@@ -152,7 +152,7 @@ test-exact: $(STAMP)
 # The tests and notebooks then import the installed copy, not the working tree; the notebooks run
 # under BNBOOK_SEED=1, so this is also a run on another draw.
 LOWEST := _build/lowest
-LOWEST_TOOLS := pytest pytest-xdist hypothesis nbval ipykernel nbformat pyyaml pandas keras
+LOWEST_TOOLS := pytest pytest-xdist hypothesis expecttest nbval ipykernel nbformat pyyaml pandas keras
 test-lowest: $(STAMP)
 	rm -rf $(LOWEST) && $(BOOTSTRAP_PYTHON) -m venv $(LOWEST)/venv
 	$(PY) .ci/lowest.py > $(LOWEST)/floors.txt

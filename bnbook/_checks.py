@@ -18,9 +18,10 @@ class ChannelMismatchError(ValueError, RuntimeError):
     """
 
 
-class DtypeError(TypeError, RuntimeError):
-    """Input of a non-floating dtype. PyTorch raises ``NotImplementedError``/``RuntimeError`` deep in its
-    kernels; this is raised up front, and is also a ``TypeError``. Nothing is silently cast."""
+class DtypeError(TypeError, NotImplementedError):
+    """Input of a non-floating dtype. PyTorch raises ``NotImplementedError`` (a ``RuntimeError``)
+    deep in its kernels ("batch_norm" not implemented for 'Long'); this is raised up front, is
+    both, and is also a ``TypeError``. Nothing is silently cast."""
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -43,7 +44,7 @@ def check_grad_shape(grad, forward_shape: Sequence[int], name: str = "dy"):
 def check_eps(eps: float) -> None:
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(
-            f"eps must be a positive number (it keeps 1/sqrt(var + eps) finite), got {eps!r}"
+            f"eps must be positive (a number that keeps 1/sqrt(var + eps) finite), got {eps!r}"
         )
 
 
@@ -63,7 +64,10 @@ def check_num_features(num_features: int) -> None:
 
 def check_training_size(shape: Sequence[int]) -> None:
     """Raise PyTorch's ValueError when training would normalise a single value per channel."""
-    values = int(shape[0]) * math.prod(int(s) for s in shape[2:])
+    # a loop, not a generator expression: torch.compile traces this without a graph break
+    values = int(shape[0])
+    for size in shape[2:]:
+        values *= int(size)
     if values == 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got input size "
@@ -79,3 +83,15 @@ def check_channels(name: str, size: int, input_shape: Sequence[int], what: str =
             f"{name} should contain {channels} elements not {size}: the {what} has shape "
             f"{shape_str(input_shape)}, so dim 1 holds {channels} channels, but {name} has {size}"
         )
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1) -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) of at least ``minimum``.
+
+    >>> check_positive_int("ghost_batch_size", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: ghost_batch_size must be an int >= 1, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

@@ -15,6 +15,16 @@ statistics keep their own dtype. On the CPU, large spatial inputs are processed 
 at a time so that temporaries stay in cache; on other devices, each step is one whole-tensor
 operation.
 
+What "drop-in" covers is tested, not claimed: PyTorch's own generic module tests over its
+``module_db`` entries for BatchNorm1d/2d/3d (``tests/test_pytorch_modules.py``) and the batch-norm
+tests of its ``test_nn.py`` (``tests/test_pytorch_nn.py``) run on the twins and on ``torch.nn``
+side by side. The backward is differentiable (Hessians, gradient penalties), works under
+``torch.func`` (``vmap``, ``grad``, ``jacrev``, ``jvp``), with batched gradients, in forward-mode
+AD and under ``torch.compile(fullgraph=True)``; an empty batch (N = 0) works as in torch. The twins
+are ``torch.nn.modules.batchnorm._BatchNorm`` instances for torch's utilities. Not covered:
+``torch.jit.script`` (the backward is a Python ``autograd.Function``; the error says so and
+suggests ``torch.compile``).
+
 >>> import torch
 >>> from bnbook.torch import BatchNorm2d
 >>> bn = BatchNorm2d(3)
@@ -35,21 +45,33 @@ True
 
 from __future__ import annotations
 
-import contextlib
+import numbers
+import operator
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from bnbook._checks import (
     DtypeError,
     check_channels,
-    check_eps,
-    check_momentum,
-    check_num_features,
     check_training_size,
     shape_str,
+)
+from bnbook.autograd import (  # noqa: F401 (_memory_format is shared with bnbook.norms)
+    _LOW_PRECISION,
+    BatchNormFunction,
+    _as_rows,
+    _autocast_off,
+    _batch_norm_function,
+    _cast,
+    _compute_dtype,
+    _from_rows,
+    _memory_format,
+    _per_channel,
+    _rows_layout,
+    _whole_tensor,
 )
 
 __all__ = [
@@ -59,232 +81,6 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
 ]
-
-
-# Half-precision inputs are normalised with float32 statistics and arithmetic, rounded once at the
-# end, as torch's kernels do; every other floating dtype computes in its own precision.
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Autocast disabled for ``device_type`` while the twins compute: they choose their own dtypes.
-
-    Under ``torch.autocast`` a matrix product (``torch.linalg.vecdot`` on the CPU, ``torch.mv`` on
-    CUDA) would otherwise run in half precision and mix dtypes with the float32 statistics.
-    """
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """The layout torch's batch norm gives its output: channels-last in, channels-last out."""
-    if x.dim() in (4, 5) and not x.is_contiguous():
-        cl = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=cl):
-            return cl
-    return torch.contiguous_format
-
-
-def _rows_layout(x: Tensor) -> bool:
-    """Whether ``x`` is best seen as (M, C) rows: one value per sample and channel (dense), or a
-    channels-last layout, where a view puts each channel in a column."""
-    return x.shape[2:].numel() == 1 or _memory_format(x) != torch.contiguous_format
-
-
-def _as_ncl(x: Tensor) -> Tensor:
-    """(N, C, *spatial) as a contiguous (N, C, L): a view when ``x`` is contiguous."""
-    return x.contiguous().view(x.shape[0], x.shape[1], -1)
-
-
-def _as_rows(x: Tensor) -> Tensor:
-    """(N, C, *spatial) as (M, C), one row per position: a view for (N, C) and channels-last input."""
-    return x.movedim(1, -1).reshape(-1, x.shape[1])
-
-
-def _from_rows(rows: Tensor, shape: torch.Size) -> Tensor:
-    """Inverse of :func:`_as_rows`: a channels-last view of shape ``shape``."""
-    return rows.view(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
-
-
-# On the CPU, spatial inputs are processed a block of samples at a time, about this many elements
-# per block (1 MiB of float32), so that temporaries stay in cache instead of costing a full-size
-# allocation.
-_BLOCK_ELEMENTS = 1 << 18
-
-
-def _blocks(t: Tensor) -> list[slice]:
-    """Slices over the batch axis, each about ``_BLOCK_ELEMENTS`` elements, on the CPU.
-
-    A single block elsewhere: on a GPU every operation is a kernel launch, and a loop over small
-    blocks launched many tiny kernels (32–140× slower than cuDNN). A single block under
-    ``torch.compile`` too: the compiler fuses whole-tensor operations itself, and a Python loop
-    over blocks would be unrolled into the graph.
-    """
-    n, c, length = t.shape
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
-        return [slice(0, n)]
-    step = max(1, _BLOCK_ELEMENTS // (c * length))
-    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
-
-
-def _channel_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Per-channel sum of an (N, C, L) tensor, L > 1, accumulated in ``dtype`` (default t's).
-
-    On the CPU, a matrix–vector product with a ones vector over the contiguous last axis, then a sum
-    over N: several times faster than ``t.sum(dim=(0, 2))``. Elsewhere, and for a half-precision
-    ``t`` summed in float32, the plain reduction.
-    """
-    n, c, length = t.shape
-    if t.device.type == "cpu" and dtype in (None, t.dtype):
-        return torch.mv(t.reshape(n * c, length), t.new_ones(length)).view(n, c).sum(0)
-    return t.sum(dim=(0, 2), dtype=dtype)
-
-
-def _spatial_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of an (N, C, L) tensor in two passes.
-
-    Never E[x²] − E[x]²: μ first, then the mean square of x − μ, a block at a time. The residual
-    Σ(x − μ), zero in exact arithmetic, measures the rounding error of μ; it corrects both μ and σ²
-    (the corrected two-pass algorithm of Chan, Golub and LeVeque). Both come in float32 for a
-    half-precision ``x3`` (x − μ is then float32 by type promotion).
-    """
-    m = x3.shape[0] * x3.shape[2]
-    mean = _channel_sum(x3, _compute_dtype(x3.dtype)) / m  # (1)
-    residual = torch.zeros_like(mean)
-    sum_sq = torch.zeros_like(mean)
-    for block in _blocks(x3):
-        centered = x3[block] - mean[:, None]
-        residual += _channel_sum(centered)
-        sum_sq += torch.linalg.vecdot(centered, centered).sum(0)
-    var = ((sum_sq - residual * residual / m) / m).clamp_(min=0)  # (2), biased
-    return mean + residual / m, var
-
-
-def _centered_affine(
-    out: Tensor,
-    x3: Tensor,
-    mean: Tensor,
-    scale: Tensor,
-    shift: Tensor | None = None,
-    dy3: Tensor | None = None,
-    k: Tensor | None = None,
-) -> None:
-    """out = (x − μ)·scale + shift [+ k·dy], per channel, a block at a time (all (N, C, L)).
-
-    In place in ``out`` when it has the compute dtype; for a half-precision ``out`` each block is
-    computed in float32 and rounded once.
-    """
-    for block in _blocks(x3):
-        target = out[block]
-        direct = target.dtype == mean.dtype
-        t = torch.sub(x3[block], mean[:, None], out=target if direct else None)
-        t.mul_(scale[:, None])
-        if shift is not None:
-            t.add_(shift[:, None])
-        if dy3 is not None:
-            t.addcmul_(dy3[block], k[:, None])
-        if not direct:
-            target.copy_(t)
-
-
-def _rows_forward(x2: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    """Forward over (M, C) rows: y (dtype of ``x2``) and x̂, μ, 1/σ, σ² (the compute dtype)."""
-    # (1), accumulated in float64: a float32 sum of values far from zero loses digits
-    mean = x2.mean(0, dtype=torch.float64).to(_compute_dtype(x2.dtype))
-    centered = x2 - mean  # the compute dtype, by type promotion
-    var = (centered * centered).mean(0)  # (2): two passes, biased
-    invstd = torch.rsqrt(var + eps)
-    x_hat = centered.mul_(invstd)  # (3), in place: the centred copy is ours
-    if weight is not None:
-        y = torch.addcmul(bias, x_hat, weight) if bias is not None else x_hat * weight
-    else:
-        y = x_hat + bias if bias is not None else x_hat.clone()
-    return y.to(x2.dtype), x_hat, mean, invstd, var
-
-
-class BatchNormFunction(torch.autograd.Function):
-    """Batch norm with batch statistics, forward and hand-derived backward.
-
-    ``y, mean, var = BatchNormFunction.apply(x, weight, bias, eps)`` with ``x`` of shape
-    (N, C, *spatial), ``weight``/``bias`` of shape (C,) or None; ``mean`` and ``var`` (biased) are
-    returned, as non-differentiable outputs, for the running-statistics update.
-
-    Backward (chapter ``ch-backprop``), with σ = sqrt(σ²_B + ε) and m values per channel::
-
-        dx = γ/(m σ) (m dy − Σ dy − x̂ Σ dy x̂),   dγ = Σ dy x̂,   dβ = Σ dy
-
-    A dense input (one value per sample and channel), and a channels-last one seen as (N·H·W, C)
-    rows, saves x̂; a contiguous spatial input saves x and recomputes x − μ block by block, which moves less memory than a
-    full-size x̂ would. ``y`` and ``dx`` keep the dtype and memory format of ``x``; a float16 or
-    bfloat16 ``x`` is normalised with float32 statistics and arithmetic (``mean`` and ``var`` are
-    float32), as in torch. Autocast is off inside: the function chooses its own dtypes.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        ctx.shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.rows = _rows_layout(x)
-        with _autocast_off(x.device.type):
-            if ctx.rows:
-                y2, x_hat, mean, invstd, var = _rows_forward(_as_rows(x), weight, bias, eps)
-                y = _from_rows(y2, x.shape)
-                ctx.save_for_backward(x_hat, mean, invstd, weight)
-            else:
-                x3 = _as_ncl(x)
-                mean, var = _spatial_stats(x3)
-                invstd = torch.rsqrt(var + eps)
-                # (3) and (4): y = (x − μ)·a + β, a = γ/σ per channel; x − μ first keeps float32
-                # accurate.
-                scale = invstd if weight is None else invstd * weight
-                y3 = torch.empty_like(x3)
-                _centered_affine(y3, x3, mean, scale, bias)
-                y = y3.view(x.shape)
-                ctx.save_for_backward(x3, mean, invstd, weight)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy: Tensor, _dmean, _dvar):
-        saved, mean, invstd, weight = ctx.saved_tensors
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        k = invstd if weight is None else weight * invstd
-        dx = None
-        with _autocast_off(dy.device.type):
-            if ctx.rows:
-                x_hat, dy2 = saved, _as_rows(dy).to(mean.dtype)
-                m = dy2.shape[0]
-                sum_dy = dy2.sum(0)
-                sum_dy_xhat = torch.linalg.vecdot(dy2.t(), x_hat.t())
-                if need_dx:
-                    # dx = k·dy − (k Σdy x̂ / m)·x̂ − k Σdy / m: two passes over one new tensor
-                    dx = torch.addcmul(-k * sum_dy / m, x_hat, -k * sum_dy_xhat / m)
-                    dx = _from_rows(dx.addcmul_(dy2, k).to(ctx.x_dtype), ctx.shape)
-            else:
-                x3, dy3 = saved, _as_ncl(dy)
-                m = dy3.shape[0] * dy3.shape[2]
-                sum_dy = _channel_sum(dy3, mean.dtype)
-                sum_dy_xc = torch.zeros_like(mean)
-                for block in _blocks(x3):
-                    centered = x3[block] - mean[:, None]
-                    sum_dy_xc += torch.linalg.vecdot(dy3[block].to(mean.dtype), centered).sum(0)
-                sum_dy_xhat = sum_dy_xc * invstd
-                if need_dx:
-                    # dx = k·dy + j·(x − μ) + h, per channel j = −k σ⁻¹ Σdy x̂ / m, h = −k Σdy / m
-                    j = -k * invstd * sum_dy_xhat / m
-                    h = -k * sum_dy / m
-                    dx = torch.empty_like(x3)
-                    _centered_affine(dx, x3, mean, j, h, dy3, k)
-                    dx = dx.view(ctx.shape)
-        dw = sum_dy_xhat.to(weight.dtype) if (need_dw and weight is not None) else None
-        db = sum_dy.to(ctx.bias_dtype) if (need_db and ctx.bias_dtype is not None) else None
-        return dx, dw, db, None
 
 
 def _check_input(input: Tensor, name: str = "input") -> None:
@@ -302,6 +98,34 @@ def _check_input(input: Tensor, name: str = "input") -> None:
         )
 
 
+def _check_eps_for(eps: float, training: bool) -> float:
+    """``eps`` as a float: positive in training, non-negative in evaluation (as torch checks it at
+    the forward, not in the constructor)."""
+    eps = float(eps)
+    if training and not eps > 0:
+        raise ValueError(
+            f"eps must be positive during training (it keeps 1/sqrt(var + eps) finite), got {eps}"
+        )
+    if not eps >= 0:
+        raise ValueError(f"eps must be non-negative, got {eps}")
+    return eps
+
+
+def _check_no_forward_grad(input: Tensor, *stats: Tensor | None) -> None:
+    """Torch's rule: with a forward-mode tangent on the input, the running statistics (buffers,
+    never differentiated) must carry none."""
+    if fwAD._current_level < 0:  # no dual level open: no tensor can carry a tangent
+        return
+    if fwAD.unpack_dual(input).tangent is None:
+        return
+    for t in stats:
+        if t is not None and fwAD.unpack_dual(t).tangent is not None:
+            raise RuntimeError(
+                "batch_norm is not differentiable wrt running_mean and running_var, they cannot "
+                "have forward grad defined"
+            )
+
+
 def _eval_transform(
     x: Tensor,
     mean: Tensor,
@@ -313,24 +137,59 @@ def _eval_transform(
     """y = (x − μ) γ / sqrt(σ² + ε) + β with fixed statistics: one affine map per channel.
 
     Written with differentiable tensor operations, so autograd gives dx = γ/σ · dy, dγ = Σ dy x̂,
-    dβ = Σ dy (and no gradient flows into the statistics, which are buffers). The output has the
-    dtype and memory format of ``x``.
+    dβ = Σ dy, to any order and in forward mode (no gradient flows into the statistics, which are
+    buffers). The output has the dtype and memory format of ``x``; a half-precision ``x`` is
+    computed in float32 and rounded once, whatever the dtype of the statistics and parameters.
     """
-    if x.dtype in _LOW_PRECISION:  # float32 arithmetic, rounded once, as torch does
-        mean, var = mean.float(), var.float()
+    cdt = _compute_dtype(x.dtype)
     # (M, C) rows for dense and channels-last input (the views' backward then gives a channels-last
     # dx too), (N, C, *spatial) broadcasting otherwise
-    rows = _rows_layout(x)
-    z = _as_rows(x) if rows else x.contiguous()
-    per_channel = (-1,) if rows else (-1,) + (1,) * (x.dim() - 2)
-    scale = torch.rsqrt(var.detach() + eps)
+    rows = _rows_layout(x) and not _whole_tensor(x)
+    z = _as_rows(x) if rows else x
+    view = (-1,) if rows else _per_channel(x)
+    scale = torch.rsqrt(var.detach().to(cdt) + eps)
     if weight is not None:
-        scale = scale * weight
-    y = (z - mean.detach().view(per_channel)) * scale.view(per_channel)
+        scale = scale * weight.to(cdt)
+    y = (z.to(cdt) - mean.detach().to(cdt).view(view)) * scale.view(view)
     if bias is not None:
-        y = y + bias.view(per_channel)
+        y = y + bias.to(cdt).view(view)
     y = y.to(x.dtype)
     return _from_rows(y, x.shape) if rows else y
+
+
+def _empty_batch(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The output for a batch with no values (N = 0), as torch gives it: an empty tensor still
+    connected to γ and β (whose gradients are then zeros)."""
+    view = _per_channel(input)
+    y = input.clone()
+    if weight is not None:
+        y = y * weight.view(view)
+    if bias is not None:
+        y = y + bias.view(view)
+    return y.to(input.dtype)
+
+
+def _batch_norm_train(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    factor: float,
+    eps: float,
+) -> Tensor:
+    """Training-mode batch norm on checked arguments; updates the running statistics in place."""
+    if input.numel() == 0:
+        return _empty_batch(input, weight, bias)
+    y, mean, var = _batch_norm_function().apply(input, weight, bias, eps)
+    if running_mean is not None:
+        # running ← (1 − factor)·running + factor·batch, the variance unbiased; detached values
+        # (no graph, no forward-mode tangent) into buffers that need no gradient: no no_grad()
+        m = input.numel() // input.shape[1]
+        unbiased = var.detach() * (m / max(m - 1, 1))
+        stats = (_cast(mean.detach(), running_mean.dtype), _cast(unbiased, running_var.dtype))
+        torch._foreach_lerp_((running_mean, running_var), stats, factor)  # both in one call
+    return y
 
 
 def batch_norm(
@@ -345,12 +204,17 @@ def batch_norm(
 ) -> Tensor:
     """Batch normalization, with the signature and results of ``torch.nn.functional.batch_norm``.
 
+    Equations (1)–(4) (``eq-bn-mean`` … ``eq-bn-scale-shift``, chapter ``ch-transform``) in
+    training, the per-channel affine map of chapter ``ch-inference`` in evaluation; the backward is
+    :class:`BatchNormFunction`'s (chapter ``ch-backprop``).
+
     Parameters
     ----------
     input : Tensor, shape (N, C) or (N, C, *spatial)
+        Any floating dtype; N = 0 gives an empty output and leaves the running statistics alone.
     running_mean, running_var : Tensor (C,) or None
         In training mode, updated in place when given (``running_var`` with the unbiased variance);
-        in evaluation mode, the statistics to normalise with (required).
+        both or neither. In evaluation mode, the statistics to normalise with (required).
     weight, bias : Tensor (C,) or None
         γ and β.
     training : bool
@@ -358,27 +222,36 @@ def batch_norm(
     momentum : float
         Weight of the new batch statistic in the running average.
     eps : float
-        ε > 0.
+        ε: positive in training, non-negative in evaluation.
 
     Returns
     -------
-    Tensor, same shape as ``input``.
+    Tensor, same shape, dtype and memory format as ``input``.
 
     Raises
     ------
     ValueError
         ``input`` with fewer than 2 dimensions, or one value per channel in training; ``eps`` not
-        positive.
+        positive (training) or negative (evaluation); only one of ``running_mean`` and
+        ``running_var`` given in training.
     RuntimeError
         Missing running statistics in evaluation mode; a per-channel tensor whose length is not C
-        (:class:`bnbook._checks.ChannelMismatchError`, also a ValueError).
-    TypeError
-        Non-floating input (:class:`bnbook._checks.DtypeError`, also a RuntimeError).
+        (:class:`bnbook._checks.ChannelMismatchError`, also a ValueError); a running statistic
+        carrying a forward-mode tangent.
+    NotImplementedError
+        Non-floating input (:class:`bnbook._checks.DtypeError`, also a TypeError).
+
+    Examples
+    --------
+    >>> x = torch.randn(8, 3, 4, 4)
+    >>> mean, var = torch.zeros(3), torch.ones(3)
+    >>> batch_norm(x, mean, var, training=True).shape, bool(mean.abs().sum() > 0)
+    (torch.Size([8, 3, 4, 4]), True)
     """
     _check_input(input)
     if training:
         check_training_size(input.shape)
-    check_eps(eps)
+    eps = _check_eps_for(eps, training)
     for name, t in (
         ("running_mean", running_mean),
         ("running_var", running_var),
@@ -387,6 +260,7 @@ def batch_norm(
     ):
         if t is not None:
             check_channels(name, t.numel(), input.shape)
+    _check_no_forward_grad(input, running_mean, running_var)
     if not training:
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             if t is None:
@@ -395,17 +269,53 @@ def batch_norm(
                     f"({input.shape[1]},), or training=True to use batch statistics"
                 )
         return _eval_transform(input, running_mean, running_var, weight, bias, eps)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            "running_mean and running_var must either both be None or neither be None: got "
+            f"running_mean={'None' if running_mean is None else 'a tensor'}, "
+            f"running_var={'None' if running_var is None else 'a tensor'}"
+        )
+    return _batch_norm_train(input, running_mean, running_var, weight, bias, float(momentum), eps)
 
-    y, mean, var = BatchNormFunction.apply(input, weight, bias, float(eps))
-    if running_mean is not None or running_var is not None:
-        m = input.numel() // input.shape[1]
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            if running_var is not None:
-                unbiased = var * (m / (m - 1))
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-    return y
+
+def _lenient_num_features(num_features) -> int:
+    """``num_features`` as an int: any integer (a NumPy one too) ≥ 0, as torch accepts."""
+    if isinstance(num_features, bool) or not hasattr(num_features, "__index__"):
+        raise TypeError(
+            f"num_features must be an int (the channel count C), got "
+            f"{type(num_features).__name__} {num_features!r}"
+        )
+    value = operator.index(num_features)
+    if value < 0:
+        raise ValueError(f"num_features must be a non-negative int, got {value}")
+    return value
+
+
+def _lenient_eps(eps) -> None:
+    """Any real number (torch checks its sign at the forward: positive in training)."""
+    if isinstance(eps, bool) or not isinstance(eps, (numbers.Real, Tensor)):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}")
+    if isinstance(eps, Tensor) and eps.numel() != 1:
+        raise TypeError(f"eps must be a number or a 1-element tensor, got shape {tuple(eps.shape)}")
+
+
+def _lenient_momentum(momentum) -> None:
+    """None, or a real number in [0, 1]: a Python or NumPy scalar, or a 0-dim tensor."""
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (numbers.Real, Tensor)):
+        raise TypeError(
+            f"momentum must be None (cumulative average) or a number in [0, 1], got "
+            f"{type(momentum).__name__} {momentum!r}"
+        )
+    if isinstance(momentum, Tensor) and momentum.numel() != 1:
+        raise TypeError(
+            f"momentum must be a number or a 1-element tensor, got shape {tuple(momentum.shape)}"
+        )
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"momentum must be None (cumulative average) or a number in [0, 1], got {momentum!r}"
+        )
 
 
 class _NormBase(nn.Module):
@@ -443,9 +353,9 @@ class _NormBase(nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        check_num_features(num_features)
-        check_eps(eps)
-        check_momentum(momentum)
+        num_features = _lenient_num_features(num_features)
+        _lenient_eps(eps)
+        _lenient_momentum(momentum)
         factory = {"device": device, "dtype": dtype}
         nn.Module.__init__(self)  # not torch's _NormBase: parameters and buffers are made here
         self.num_features = num_features
@@ -519,6 +429,14 @@ class _NormBase(nn.Module):
             error_msgs,
         )
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"torch.jit.script cannot compile {type(self).__name__}: bnbook's layers compute their "
+            "backward in a Python torch.autograd.Function (the hand-derived formula of chapter "
+            "ch-backprop), which TorchScript does not support. Use torch.compile(model) to compile "
+            "a model holding them (or torch.jit.trace), or torch.nn's own layer for TorchScript."
+        )
+
     def _check_input_dim(self, input: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
@@ -530,9 +448,14 @@ class _NormBase(nn.Module):
                 f"got {shape_str(input.shape)}"
             )
         _check_input(input)
-        check_channels(
-            "running_mean" if self.track_running_stats else "weight", self.num_features, input.shape
-        )
+        if self.track_running_stats or self.affine:
+            # without γ, β and running statistics nothing fixes the channel count, and torch
+            # normalises whatever it receives
+            check_channels(
+                "running_mean" if self.track_running_stats else "weight",
+                self.num_features,
+                input.shape,
+            )
 
     def _uses_batch_stats(self) -> bool:
         """Batch statistics in training mode, and in eval mode without running statistics."""
@@ -563,18 +486,14 @@ class _NormBase(nn.Module):
         if count == 0 or not self.training or self.running_mean is None:
             return
         with torch.no_grad():
-            self.running_mean.mul_(1 - factor).add_(
-                mean.detach().to(self.running_mean.dtype), alpha=factor
-            )
+            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
             unbiased = var.detach() * (count / max(count - 1, 1))
-            self.running_var.mul_(1 - factor).add_(
-                unbiased.to(self.running_var.dtype), alpha=factor
-            )
+            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
     def _forward_running(self, input: Tensor) -> Tensor:
         """Evaluation with the running statistics: one affine map per channel."""
         return _eval_transform(
-            input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            input, self.running_mean, self.running_var, self.weight, self.bias, float(self.eps)
         )
 
     def _forward_batch(self, input: Tensor, factor: float) -> Tensor:
@@ -584,7 +503,12 @@ class _NormBase(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if self._uses_batch_stats():
+            check_training_size(input.shape)
+            _check_eps_for(self.eps, True)
+            _check_no_forward_grad(input, self.running_mean, self.running_var)
             return self._forward_batch(input, self._momentum_factor())
+        _check_eps_for(self.eps, False)
+        _check_no_forward_grad(input, self.running_mean, self.running_var)
         return self._forward_running(input)
 
 
@@ -598,17 +522,16 @@ class _BatchNorm(_NormBase, _TorchBatchNorm):
     """
 
     def _forward_batch(self, input: Tensor, factor: float) -> Tensor:
-        # Running statistics are passed only to be updated.
-        track = self.track_running_stats
-        return batch_norm(
+        # Arguments are checked in forward; running statistics are passed only to be updated.
+        track = self.training and self.track_running_stats
+        return _batch_norm_train(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
             self.weight,
             self.bias,
-            True,
             factor,
-            self.eps,
+            float(self.eps),
         )
 
 
@@ -618,10 +541,11 @@ class BatchNorm1d(_BatchNorm):
     Parameters
     ----------
     num_features : int
-        C.
+        C (a Python or NumPy integer ≥ 0).
     eps : float
-        ε > 0 (default 1e-5).
-    momentum : float or None
+        ε (default 1e-5). Any real number is accepted here, as in torch; the forward requires
+        ε > 0 in training and ε ≥ 0 in evaluation.
+    momentum : float, 0-dim tensor or None
         Weight of the new batch statistic in the running average, in [0, 1]; None for the
         cumulative average (default 0.1).
     affine : bool
@@ -636,14 +560,27 @@ class BatchNorm1d(_BatchNorm):
 
     Shape
     -----
-    Input (N, C) or (N, C, L); output the same.
+    Input (N, C) or (N, C, L), N ≥ 0; output the same. With ``affine=False`` and
+    ``track_running_stats=False`` any C is normalised, as in torch.
 
     Raises
     ------
+    TypeError
+        ``num_features``, ``eps`` or ``momentum`` of a non-numeric type.
     ValueError
-        Wrong number of dimensions; one value per channel in training; bad ``eps``/``momentum``.
+        Wrong number of dimensions; one value per channel in training; ``eps`` ≤ 0 in training
+        (< 0 in evaluation); ``momentum`` outside [0, 1]; negative ``num_features``.
     RuntimeError
-        Channel count ≠ ``num_features`` (also a ValueError).
+        Channel count ≠ ``num_features`` (also a ValueError); a forward-mode tangent on the
+        running statistics; ``torch.jit.script`` (not supported: use ``torch.compile``).
+    NotImplementedError
+        Integer input (:class:`bnbook._checks.DtypeError`, also a TypeError).
+
+    Examples
+    --------
+    >>> bn = BatchNorm1d(4)
+    >>> bn(torch.randn(16, 4)).shape, bn(torch.randn(0, 4, 3)).shape, int(bn.num_batches_tracked)
+    (torch.Size([16, 4]), torch.Size([0, 4, 3]), 2)
     """
 
     _input_dims = (2, 3)

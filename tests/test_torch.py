@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
+import bnbook.autograd
 import bnbook.torch as bt
 
 TOL = dict(rtol=1e-9, atol=1e-9)
@@ -241,6 +242,24 @@ def test_float32_large_offset_still_normalises():
         torch.testing.assert_close(y.mean(reduce), torch.zeros(8), rtol=0, atol=6e-3)
 
 
+def test_float32_large_offset_dense_blas_paths():
+    """Dense batches large enough for the float32 BLAS sums and the residual correction (2¹⁷ and
+    2²⁰ elements) normalise values far from zero as accurately as a float64 reference."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1024, 128), (2048, 512)]:
+        x = (1e4 + 0.1 * torch.randn(shape, generator=gen)).requires_grad_()
+        dy = torch.randn(shape, generator=gen)
+        bn = bt.BatchNorm1d(shape[1])
+        y = bn(x)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        x64 = x.detach().double().requires_grad_()
+        y64 = F.batch_norm(x64, None, None, training=True)
+        (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+        torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-3)
+        torch.testing.assert_close(dx.double(), dx64, rtol=1e-3, atol=1e-2)
+        torch.testing.assert_close(bn.running_mean.double(), 0.1 * x64.detach().mean(0))
+
+
 def test_works_inside_a_model_and_trains():
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -263,7 +282,7 @@ def test_works_inside_a_model_and_trains():
 def test_blocked_and_whole_tensor_paths_match_torch(monkeypatch, dims, block_elements):
     """The CPU's cache-blocked loop (one sample per block here) and the whole-tensor path that other
     devices take (one block) both give torch's results."""
-    monkeypatch.setattr(bt, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(bnbook.autograd, "_BLOCK_ELEMENTS", block_elements)
     ours, ref, shape = make_pair(dims, {})
     gen = torch.Generator().manual_seed(3)
     x = 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64) + 1
@@ -352,10 +371,20 @@ def test_channel_mismatch():
 
 @pytest.mark.parametrize("eps", [0, -1e-5, float("nan")])
 def test_bad_eps(eps):
-    with pytest.raises(ValueError, match="eps"):
-        bt.BatchNorm1d(3, eps=eps)
-    with pytest.raises(ValueError, match="eps"):
+    """As torch: the constructor accepts any number; a training forward needs eps > 0, an
+    evaluation forward eps ≥ 0."""
+    bn = bt.BatchNorm1d(3, eps=eps)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        bn(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="eps must be positive"):
         bt.batch_norm(torch.randn(4, 3), None, None, training=True, eps=eps)
+    if eps != 0:
+        with pytest.raises(ValueError, match="eps must be non-negative"):
+            bn.eval()(torch.randn(4, 3))
+    else:
+        bn.eval()(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="eps"):
+        bt.BatchNorm1d(3, eps="small")
 
 
 @pytest.mark.parametrize("momentum", [-0.1, 1.5])
@@ -366,12 +395,188 @@ def test_bad_momentum(momentum):
 
 def test_integer_input_is_rejected_not_cast():
     x = torch.randint(0, 5, (4, 3))
-    with pytest.raises(TypeError, match="floating-point"):
+    with pytest.raises(NotImplementedError):  # torch's type
+        nn.BatchNorm1d(3)(x)
+    with pytest.raises(NotImplementedError, match="floating-point"):  # issue 13: was TypeError only
         bt.BatchNorm1d(3)(x)
-    with pytest.raises(RuntimeError):  # the kind torch raises, too
-        bt.BatchNorm1d(3)(x)
+    with pytest.raises(TypeError):  # and still a TypeError
+        bt.BatchNorm1d(3).eval()(x)
 
 
 def test_eval_mode_needs_running_statistics():
     with pytest.raises(RuntimeError, match="running_mean must be defined"):
         bt.batch_norm(torch.randn(4, 3), None, None, training=False)
+
+
+# ---------------------------------------------------------------------------- issue 13: a true drop-in
+
+
+def _pair(cls_o, cls_t, *args, **kwargs):
+    return cls_o(*args, **kwargs), cls_t(*args, **kwargs)
+
+
+def test_constructor_is_as_lenient_as_torch():
+    """NumPy scalars, a 0-dim tensor momentum, eps = 0 and num_features = 0 construct, as in torch;
+    what torch rejects is rejected with the argument named."""
+    np = pytest.importorskip("numpy")
+    for kwargs in [
+        {"num_features": np.int64(3), "eps": np.float32(1e-3), "momentum": np.float64(0.2)},
+        {"num_features": 3, "momentum": torch.tensor(0.2)},
+        {"num_features": 3, "eps": 0.0},
+    ]:
+        ours, ref = _pair(bt.BatchNorm1d, nn.BatchNorm1d, **kwargs)
+        x = torch.randn(6, 3)
+        if kwargs.get("eps", 1) != 0.0:
+            torch.testing.assert_close(ours(x), ref(x))
+            torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    assert bt.BatchNorm1d(0).weight.shape == (0,)
+    for bad, kind in [(3.0, TypeError), ("3", TypeError), (True, TypeError), (-1, ValueError)]:
+        with pytest.raises(kind, match="num_features"):
+            bt.BatchNorm1d(bad)
+    with pytest.raises(TypeError, match="momentum"):
+        bt.BatchNorm1d(3, momentum="fast")
+
+
+def test_no_affine_no_tracking_normalises_any_channel_count():
+    ours, ref = _pair(bt.BatchNorm2d, nn.BatchNorm2d, 5, affine=False, track_running_stats=False)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    assert_close(ours.double()(x), ref.double()(x))
+    with pytest.raises(RuntimeError, match="should contain 3 elements not 5"):
+        bt.BatchNorm2d(5, track_running_stats=False)(x)
+
+
+def test_second_derivatives_hessian_and_gradient_penalty():
+    """Issue 13: once_differentiable made the Hessian all zeros and dropped a gradient penalty."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    hessians = [
+        torch.autograd.functional.hessian(
+            lambda x, f=f: (f(x, None, None, w, b, True) ** 3).sum(), x
+        )
+        for f in (bt.batch_norm, F.batch_norm)
+    ]
+    assert hessians[1].abs().max() > 0.1
+    assert_close(hessians[0], hessians[1])
+    penalties = []
+    for f in (bt.batch_norm, F.batch_norm):
+        (dx,) = torch.autograd.grad((f(x, None, None, w, b, True) ** 3).sum(), x, create_graph=True)
+        penalty = (dx**2).sum()
+        penalties.append(torch.autograd.grad(penalty, (x, w, b)))
+    for ours, ref in zip(*penalties, strict=True):
+        assert_close(ours, ref)
+
+
+def test_torch_func_transforms_and_batched_gradients():
+    from torch.func import grad, jacrev, jvp, vmap
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, generator=gen, dtype=torch.float64)
+    ours = lambda x: bt.batch_norm(x, None, None, w, None, True)  # noqa: E731
+    ref = lambda x: F.batch_norm(x, None, None, w, None, True)  # noqa: E731
+    xs = torch.randn(5, 4, 3, 2, generator=gen, dtype=torch.float64)
+    assert_close(vmap(ours)(xs), vmap(ref)(xs))
+    assert_close(grad(lambda x: (ours(x) ** 2).sum())(x), grad(lambda x: (ref(x) ** 2).sum())(x))
+    assert_close(jacrev(ours)(x), jacrev(ref)(x))
+    v = torch.randn_like(x)
+    assert_close(jvp(ours, (x,), (v,))[1], jvp(ref, (x,), (v,))[1])
+    # is_grads_batched, and gradcheck's batched-gradient and forward-AD checks
+    grads = torch.randn(3, *x.shape, generator=gen, dtype=torch.float64)
+    (ga,) = torch.autograd.grad(ours(x), x, grads, is_grads_batched=True)
+    (gb,) = torch.autograd.grad(ref(x), x, grads, is_grads_batched=True)
+    assert_close(ga, gb)
+    assert torch.autograd.gradcheck(
+        ours, (x,), check_batched_grad=True, check_forward_ad=True, check_batched_forward_grad=True
+    )
+
+
+def test_forward_mode_ad_in_training_matches_torch():
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, 3, 4, dtype=torch.float64)
+    ours, ref = _pair(bt.BatchNorm1d, nn.BatchNorm1d, 3, dtype=torch.float64)
+    with fwAD.dual_level():
+        ya = fwAD.unpack_dual(ours(fwAD.make_dual(x, t))).tangent
+        yb = fwAD.unpack_dual(ref(fwAD.make_dual(x, t))).tangent
+    assert_close(ya, yb)
+    assert_close(ours.running_mean, ref.running_mean)  # updated with the primal only
+
+
+def test_torch_compile_fullgraph():
+    ours = bt.BatchNorm2d(3)
+    ref = nn.BatchNorm2d(3)
+    compiled = torch.compile(ours, fullgraph=True, backend="eager")  # tracing, no codegen: fast
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, ref(x))
+    assert int(ours.num_batches_tracked) == 1
+
+
+def test_torch_jit_script_says_why_and_what_instead():
+    with pytest.raises(RuntimeError, match="autograd.Function.*torch.compile"):
+        torch.jit.script(bt.BatchNorm2d(3))
+
+
+def test_half_precision_cases():
+    """fp16 (2, 2, 300, 300): no overflow; half input into a float32 module, dense and spatial,
+    training and eval: the input's dtype out, finite gradients matching torch's."""
+    x = torch.randn(2, 2, 300, 300) * 100
+    ours, ref = _pair(bt.BatchNorm2d, nn.BatchNorm2d, 2)
+    torch.testing.assert_close(ours(x.half()).float(), ref(x.half()).float(), atol=1e-2, rtol=0)
+    assert torch.isfinite(ours.running_var).all()
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-3, atol=0)
+    for shape, classes in [
+        ((8, 3), (bt.BatchNorm1d, nn.BatchNorm1d)),
+        ((4, 3, 5, 5), (bt.BatchNorm2d, nn.BatchNorm2d)),
+    ]:
+        for dtype in (torch.float16, torch.bfloat16):
+            for training in (True, False):
+                ours, ref = (c(3).train(training) for c in classes)
+                xa = torch.randn(shape).to(dtype).requires_grad_()
+                xb = xa.detach().clone().requires_grad_()
+                ya, yb = ours(xa), ref(xb)
+                assert ya.dtype == yb.dtype == dtype
+                g = torch.randn(shape).to(dtype)
+                ya.backward(g)
+                yb.backward(g)
+                assert torch.isfinite(xa.grad).all()
+                torch.testing.assert_close(xa.grad.float(), xb.grad.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_inf_in_spatial_training_input_gives_inf_running_mean():
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 0, 0, 0] = float("inf")
+    ours, ref = _pair(bt.BatchNorm2d, nn.BatchNorm2d, 3)
+    ours(x)
+    ref(x)
+    assert ours.running_mean[0] == ref.running_mean[0] == float("inf")
+    torch.testing.assert_close(ours.running_mean[1:], ref.running_mean[1:])
+
+
+def test_twins_are_torch_batch_norms_for_torch_utilities():
+    from torch.func import replace_all_batch_norm_modules_
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bt.BatchNorm2d(4), nn.ReLU())
+    assert isinstance(model[1], nn.modules.batchnorm._BatchNorm)
+    replace_all_batch_norm_modules_(model)
+    assert model[1].running_mean is None and not model[1].track_running_stats
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(
+        nn.Sequential(nn.Conv2d(3, 4, 3), bt.BatchNorm2d(4))
+    )
+    assert isinstance(synced[1], nn.SyncBatchNorm)
+    # quantization's fusion looks its methods up by exact type, so a twin (like any subclass of
+    # torch's classes) is named in the additional mapping torch provides for that
+    from torch.ao.quantization import fuse_modules
+    from torch.ao.quantization.fuser_method_mappings import fuse_conv_bn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bt.BatchNorm2d(4))
+    model(torch.randn(2, 3, 7, 7))  # non-trivial running statistics
+    model.eval()
+    x = torch.randn(2, 3, 7, 7)
+    mapping = {"additional_fuser_method_mapping": {(nn.Conv2d, bt.BatchNorm2d): fuse_conv_bn}}
+    fused = fuse_modules(model, [["0", "1"]], fuse_custom_config_dict=mapping)
+    assert isinstance(fused[1], nn.Identity)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
