@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,14 +63,16 @@ from bnbook.cost import (  # noqa: E402  (the chapter uses the same tools)
     BYTES_PER_ELEMENT,
     bandwidth_kernels,
     bandwidth_limit,
-    cache_sizes,
-    cpu_model,
+    bandwidths,
+    batch_norm_case,
+    batch_norm_steps,
     cpu_times,
-    format_caches,
-    minor_faults,
     profiler_share,
+    small_cnn,
+    torch_training_step,
     training_step,
 )
+from bnbook.machine import machine_info, minor_faults  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 CSV_PATH = RESULTS / "cost.csv"
@@ -95,25 +96,6 @@ ALLOC_MIB = [8, 16, 32, 48, 96]
 Row = tuple[str, str, str, str, object]
 
 
-# --------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------
-
-
-def cpu_time_interleaved(
-    fns: dict[str, Callable[[], object]],
-    repeats: int,
-    min_sample: float = 0.002,
-    warmup: int = 1,
-) -> dict[str, list[float]]:
-    """CPU seconds per call of each function, ``repeats`` samples each (``bnbook.cost.cpu_times``)."""
-    return cpu_times(fns, repeats, min_sample, warmup).samples
-
-
-def medians(samples: dict[str, list[float]]) -> dict[str, float]:
-    return {name: statistics.median(ts) for name, ts in samples.items()}
-
-
 def shape_str(shape) -> str:
     return "x".join(map(str, shape))
 
@@ -123,43 +105,18 @@ def shape_str(shape) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return "unknown"
-
-
 def machine_rows() -> list[Row]:
-    blas = [
-        f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture', '-')})"
-        for i in threadpool_info()
-        if i.get("user_api") == "blas"
-    ]
-    thp = _read("/sys/kernel/mm/transparent_hugepage/enabled")
-    info = {
-        "cpu": cpu_model(),
-        "cores": str(os.cpu_count()),
-        "caches_per_core_or_shared": format_caches(cache_sizes()),
-        "memory_GiB": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f}",
-        "transparent_hugepages": thp,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "blas": "; ".join(blas),
-        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "unset"),
-        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "unset"),
-        "threads": "1 (torch and BLAS)",
-        "clock": "time.process_time (CPU time of the process), median of interleaved repeats",
-        "load_average_at_start": " ".join(f"{v:.2f}" for v in os.getloadavg()),
-        "date": time.strftime("%Y-%m-%d"),
-        # Which version of the implementations was measured (sha256 of the files, first 12 digits).
-        **{
-            f"sha256_{name}": hashlib.sha256((ROOT / "bnbook" / name).read_bytes()).hexdigest()[:12]
-            for name in ("numpy.py", "torch.py", "fusion.py", "cost.py")
-        },
-    }
+    info = machine_info()
+    # The names this CSV has always used for two of them.
+    info["caches_per_core_or_shared"] = info.pop("caches")
+    info["torch_cpu_capability"] = info.pop("cpu_capability")
+    info["threads"] = "1 (torch and BLAS)"
+    info["clock"] = "time.process_time (CPU time of the process), median of interleaved repeats"
+    info["load_average_at_start"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    # Which version of the implementations was measured (sha256 of the files, first 12 digits).
+    for name in ("numpy.py", "torch.py", "fusion.py", "cost.py"):
+        digest = hashlib.sha256((ROOT / "bnbook" / name).read_bytes()).hexdigest()[:12]
+        info[f"sha256_{name}"] = digest
     return [("machine", "", "", key, value) for key, value in info.items()]
 
 
@@ -172,7 +129,7 @@ def section_bandwidth(repeats: int, quick: bool) -> list[Row]:
     rows: list[Row] = []
     for mib in BANDWIDTH_MIB[:4] if quick else BANDWIDTH_MIB:
         kernels, moved = bandwidth_kernels(int(mib * 2**20))
-        med = medians(cpu_time_interleaved(kernels, repeats))
+        med = cpu_times(kernels, repeats).medians
         for name, t in med.items():
             rows.append(
                 ("bandwidth", f"{mib}", "numpy", f"{name}_GBps", f"{moved[name] / t / 1e9:.3f}")
@@ -187,12 +144,6 @@ def section_bandwidth(repeats: int, quick: bool) -> list[Row]:
 # --------------------------------------------------------------------------------------------
 # Roofline: the implementations against the bandwidth limit
 # --------------------------------------------------------------------------------------------
-
-
-def _functional(kind: str):
-    if kind == "twin":
-        return lambda x, w, b: bnt.batch_norm(x, None, None, w, b, training=True)
-    return lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True)
 
 
 def _compile(fn):
@@ -221,58 +172,27 @@ def section_roofline(repeats: int, quick: bool) -> list[Row]:
 def _roofline_shape(shape: tuple[int, ...], repeats: int) -> list[Row]:
     rows: list[Row] = []
     case = shape_str(shape)
-    rng = np.random.default_rng(0)
-    x_np = rng.standard_normal(shape, dtype=np.float32)
-    dy_np = rng.standard_normal(shape, dtype=np.float32)
-    c = shape[1]
-    gamma, beta = np.ones(c, np.float32), np.zeros(c, np.float32)
-    x = torch.from_numpy(x_np.copy()).requires_grad_()
-    dy = torch.from_numpy(dy_np.copy())
-    w = torch.ones(c, requires_grad=True)
-    b = torch.zeros(c, requires_grad=True)
-
-    impls = {
-        "bnbook.numpy": None,
-        "bnbook.torch": _functional("twin"),
-        "bnbook.torch+compile": _compile(_functional("twin")),
-        "F.batch_norm": _functional("native"),
-        "F.batch_norm+compile": _compile(_functional("native")),
-    }
-
-    def numpy_fwd():
-        return bnp.batch_norm_forward(x_np, gamma, beta)
-
-    def numpy_fwdbwd():
-        _, cache = bnp.batch_norm_forward(x_np, gamma, beta)
-        return bnp.batch_norm_backward(dy_np, cache)
-
-    def torch_fwd(fn):
-        return lambda: fn(x, w, b)
-
-    def torch_fwdbwd(fn):
-        def run():
-            x.grad = w.grad = b.grad = None
-            fn(x, w, b).backward(dy)
-
-        return run
-
-    fwd = {"bnbook.numpy": numpy_fwd}
-    fwdbwd = {"bnbook.numpy": numpy_fwdbwd}
-    for name, fn in impls.items():
-        if fn is None:
-            continue
-        fwd[name] = torch_fwd(fn)
-        fwdbwd[name] = torch_fwdbwd(fn)
+    problem = batch_norm_case(shape, seed=0)
+    x_np, gamma, beta = problem.x_np, problem.gamma, problem.beta
+    x, dy, w, b = problem.x, problem.dy, problem.weight, problem.bias
+    functions = {"bnbook.torch": bnt.batch_norm, "F.batch_norm": F.batch_norm}
+    functions |= {f"{name}+compile": _compile(fn) for name, fn in functions.items()}
+    fwdbwd = batch_norm_steps(problem)  # forward + backward, eager; compiled below
+    fwd = {"bnbook.numpy": lambda: bnp.batch_norm_forward(x_np, gamma, beta)}
+    for name, fn in functions.items():
+        fwdbwd[name] = torch_training_step(fn, problem)
+        fwd[name] = functools.partial(fn, x, None, None, w, b, training=True)
     if len(shape) == 4:  # the same kernel on the same values, stored channels-last (NHWC)
         x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
         dy_cl = dy.contiguous(memory_format=torch.channels_last)
-        native = impls["F.batch_norm"]
 
         def channels_last_fwdbwd():
             x_cl.grad = w.grad = b.grad = None
-            native(x_cl, w, b).backward(dy_cl)
+            F.batch_norm(x_cl, None, None, w, b, training=True).backward(dy_cl)
 
-        fwd["F.batch_norm channels_last"] = lambda: native(x_cl, w, b)
+        fwd["F.batch_norm channels_last"] = functools.partial(
+            F.batch_norm, x_cl, None, None, w, b, training=True
+        )
         fwdbwd["F.batch_norm channels_last"] = channels_last_fwdbwd
     for name in [k for k in fwd if k.endswith("+compile")]:
         wall, cpu = _timed_first_call(fwdbwd[name])  # compiles forward and backward graphs
@@ -293,9 +213,8 @@ def _roofline_shape(shape: tuple[int, ...], repeats: int) -> list[Row]:
     # Fewer repeats for the largest input, where one round of calls takes many seconds.
     reps = repeats if x_np.nbytes < 32 * 2**20 else max(5, repeats // 3)
     for which, fns in (("fwd", fwd), ("fwdbwd", fwdbwd)):
-        med = medians(cpu_time_interleaved({**fns, **kernels}, reps))
-        read_gbps = moved["read"] / med["read"] / 1e9
-        rw_gbps = max(moved["copy"] / med["copy"], moved["scale"] / med["scale"]) / 1e9
+        med = cpu_times({**fns, **kernels}, reps).medians
+        read_gbps, rw_gbps = bandwidths(med, moved)
         limit = bandwidth_limit(x_np.size, which, read_gbps, rw_gbps)
         nbytes = x_np.size * sum(BYTES_PER_ELEMENT[which].values())
         rows += [
@@ -388,7 +307,7 @@ def _fusion_shape(shape: tuple[int, ...], repeats: int, save_code: bool) -> list
         fns[f"{name} compiled"] = _training_step(compiled, x, w, b, dy)
         fns[f"{name} eager no_grad"] = _forward_no_grad(fn, x, w, b)
         fns[f"{name} compiled no_grad"] = _forward_no_grad(compiled, x, w, b)
-    med = medians(cpu_time_interleaved(fns, repeats))
+    med = cpu_times(fns, repeats).medians
     for key, t in med.items():
         name, variant = key.split(" ", 1)
         metric = variant.replace(" ", "_") + "_ms"
@@ -416,7 +335,7 @@ def _fusion_shape(shape: tuple[int, ...], repeats: int, save_code: bool) -> list
         compiled(xd)
         pf[f"{name} eager"] = _bind(fn, xd)
         pf[f"{name} compiled"] = _bind(compiled, xd)
-    med = medians(cpu_time_interleaved(pf, repeats))
+    med = cpu_times(pf, repeats).medians
     for name in probes:
         ratio = med[f"{name} compiled"] / med[f"{name} eager"]
         rows.append(("fusion", case, name, "eager_ms", f"{med[f'{name} eager'] * 1e3:.4f}"))
@@ -458,7 +377,7 @@ def _alloc_size(mib: int, tag: str, repeats: int) -> list[Row]:
     if tag == "torch":
         fns["numpy fresh"] = lambda: np.copyto(np.empty(n, np.float32), xn)
         fns["numpy reused"] = lambda: np.copyto(out_n, xn)
-    med = medians(cpu_time_interleaved(fns, repeats))
+    med = cpu_times(fns, repeats).medians
     for key, t in med.items():
         impl, variant = key.split(" ")
         rows.append(("alloc", f"{mib}", impl, f"{variant}_ms", f"{t * 1e3:.4f}"))
@@ -493,7 +412,7 @@ def _alloc_batch_norm(shape: tuple[int, ...], tag: str, repeats: int) -> list[Ro
             save_invstd=save_invstd,
         ),
     }
-    med = medians(cpu_time_interleaved(fns, repeats))
+    med = cpu_times(fns, repeats).medians
     impl = f"{tag} native_batch_norm"
     return [("alloc", shape_str(shape), impl, f"{v}_ms", f"{t * 1e3:.4f}") for v, t in med.items()]
 
@@ -521,26 +440,6 @@ def section_alloc(repeats: int, quick: bool) -> list[Row]:
 # --------------------------------------------------------------------------------------------
 # Inference-time folding
 # --------------------------------------------------------------------------------------------
-
-
-def small_cnn(channels=(8, 16), hidden=32) -> nn.Sequential:
-    """The chapter's CNN: two Conv-BN-ReLU-MaxPool stages, then Linear-BN-ReLU and a classifier."""
-    c1, c2 = channels
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(c2 * 7 * 7, hidden, bias=False),
-        nn.BatchNorm1d(hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, 10),
-    )
 
 
 def _inference(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -591,7 +490,7 @@ def section_fold(repeats: int, quick: bool) -> list[Row]:
     for batch in (1, 32, 256):
         xb = data.x_test[:batch]
         infer = {"unfolded": _inference(model, xb), "folded": _inference(folded, xb)}
-        med = medians(cpu_time_interleaved(infer, repeats))
+        med = cpu_times(infer, repeats).medians
         rows.append(
             ("fold", f"batch{batch}", "unfolded", "latency_ms", f"{med['unfolded'] * 1e3:.4f}")
         )
@@ -629,9 +528,7 @@ def section_profile(repeats: int, quick: bool) -> list[Row]:
             with_bn = training_step(conv_net(c, True), batch)
             without = training_step(conv_net(c, False), batch)
             share = profiler_share(with_bn, steps=5, runs=5)
-            med = medians(
-                cpu_time_interleaved({"bn": with_bn, "none": without}, max(5, repeats // 2))
-            )
+            med = cpu_times({"bn": with_bn, "none": without}, max(5, repeats // 2)).medians
             ablation = 1 - med["none"] / med["bn"]
             rows += [
                 ("profile", case, "profiler", "bn_share", f"{share:.4f}"),

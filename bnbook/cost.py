@@ -8,8 +8,12 @@ chapter's live measurements and the stored run are made the same way:
 * :func:`bandwidth_kernels` are three STREAM-like NumPy kernels that measure read and read-write
   bandwidth; :func:`bandwidth_limit` turns bandwidths into the time limit of equation
   ``eq-cost-limit`` (eq. (10.3) of the book);
+* :func:`batch_norm_case` and :func:`batch_norm_steps` are one training step of batch norm alone
+  (forward + backward), for the book's implementations and PyTorch's, on the same values;
 * :func:`training_step` and :func:`profiler_share` measure batch norm's share of a training step;
-* :func:`cache_sizes`, :func:`cpu_model` and :func:`minor_faults` describe the machine.
+  :func:`small_cnn` is the network whose batch norms the chapter folds;
+* the machine a measurement was made on, and the results the benchmarks store, are described and
+  read by :mod:`bnbook.machine`.
 
 Everything here runs on the CPU, one thread being the caller's choice (``setup_notebook`` pins it).
 
@@ -25,14 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
-import re
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -42,15 +43,16 @@ __all__ = [
     "Timings",
     "cpu_times",
     "bandwidth_kernels",
+    "bandwidths",
     "bandwidth_limit",
+    "BatchNormCase",
+    "batch_norm_case",
+    "batch_norm_steps",
+    "torch_training_step",
     "training_step",
     "profiler_share",
     "profiler_shares",
-    "cache_sizes",
-    "format_caches",
-    "parse_caches",
-    "cpu_model",
-    "minor_faults",
+    "small_cnn",
 ]
 
 #: Bytes per float32 element that the two-pass algorithm must move, split into passes that only
@@ -113,6 +115,15 @@ class Timings:
         return [
             a / b for a, b in zip(self.samples[numerator], self.samples[denominator], strict=True)
         ]
+
+    def ratio_quartiles(self, numerator: str, denominator: str) -> dict[str, float]:
+        """The per-round ratios summarised: ``min``, ``q1``, ``median``, ``q3``, ``max``.
+
+        >>> Timings({"a": [1.0, 2.0, 3.0], "b": [1.0, 1.0, 1.0]}).ratio_quartiles("a", "b")
+        {'min': 1.0, 'q1': 1.5, 'median': 2.0, 'q3': 2.5, 'max': 3.0}
+        """
+        values = np.quantile(self.ratios(numerator, denominator), [0, 0.25, 0.5, 0.75, 1])
+        return dict(zip(("min", "q1", "median", "q3", "max"), map(float, values), strict=True))
 
 
 def cpu_times(
@@ -218,6 +229,22 @@ def bandwidth_kernels(
     return kernels, {"read": a.nbytes, "copy": 2 * a.nbytes, "scale": 2 * a.nbytes}
 
 
+def bandwidths(times: Mapping[str, float], moved: Mapping[str, int]) -> tuple[float, float]:
+    """Read and read-write bandwidth in GB/s from timings of :func:`bandwidth_kernels`.
+
+    ``times`` and ``moved`` map each kernel name to seconds per call and bytes per call. The
+    read bandwidth is the ``read`` kernel's; the read-write one the faster of ``copy`` and
+    ``scale`` (bytes read plus written), the best a pass that writes can do.
+
+    >>> bandwidths({"read": 1e-3, "copy": 4e-3, "scale": 2e-3}, {"read": 8e6, "copy": 16e6,
+    ...             "scale": 16e6})
+    (8.0, 8.0)
+    """
+    read = moved["read"] / times["read"] / 1e9
+    read_write = max(moved[k] / times[k] for k in ("copy", "scale")) / 1e9
+    return read, read_write
+
+
 def bandwidth_limit(numel: int, which: str, read_gbps: float, rw_gbps: float) -> float:
     """Seconds the two-pass algorithm needs at least: eq. (10.3) of the book (``eq-cost-limit``).
 
@@ -240,6 +267,83 @@ def bandwidth_limit(numel: int, which: str, read_gbps: float, rw_gbps: float) ->
     """
     b = BYTES_PER_ELEMENT[which]
     return numel * (b["read_only"] / (read_gbps * 1e9) + b["read_write"] / (rw_gbps * 1e9))
+
+
+# ------------------------------------------------------------------------------------------------
+# One training step of batch norm alone
+# ------------------------------------------------------------------------------------------------
+
+
+class BatchNormCase(NamedTuple):
+    """The same float32 input and upstream gradient for NumPy and for torch (separate copies).
+
+    ``x`` (and ``weight``, ``bias``) require gradients; ``gamma``/``beta`` are their NumPy
+    values (ones and zeros).
+    """
+
+    x_np: np.ndarray
+    dy_np: np.ndarray
+    gamma: np.ndarray
+    beta: np.ndarray
+    x: Any  #: torch.Tensor
+    dy: Any
+    weight: Any
+    bias: Any
+
+
+def batch_norm_case(shape: tuple[int, ...], seed: int | None = None) -> BatchNormCase:
+    """A standard-normal input and upstream gradient of ``shape`` (N, C, ...), on the CPU.
+
+    ``seed`` None takes ``bnbook.seed(0)``.
+    """
+    import torch
+
+    if seed is None:
+        from bnbook import seed as run_seed
+
+        seed = run_seed(0)
+    x_np, dy_np = np.random.default_rng(seed).standard_normal((2, *shape), dtype=np.float32)
+    c = shape[1]
+    gamma, beta = np.ones(c, np.float32), np.zeros(c, np.float32)
+    x = torch.from_numpy(x_np.copy()).requires_grad_()
+    weight = torch.ones(c, requires_grad=True)
+    bias = torch.zeros(c, requires_grad=True)
+    return BatchNormCase(x_np, dy_np, gamma, beta, x, torch.from_numpy(dy_np.copy()), weight, bias)
+
+
+def torch_training_step(fn: Callable, case: BatchNormCase) -> Callable[[], None]:
+    """Forward + backward of ``fn(x, None, None, weight, bias, training=True)`` (gradients
+    cleared first): ``fn`` is ``F.batch_norm``, the twin's ``batch_norm``, or either compiled."""
+
+    def step() -> None:
+        case.x.grad = case.weight.grad = case.bias.grad = None
+        fn(case.x, None, None, case.weight, case.bias, training=True).backward(case.dy)
+
+    return step
+
+
+def batch_norm_steps(case: BatchNormCase) -> dict[str, Callable[[], object]]:
+    """One training step each of ``bnbook.numpy``, ``bnbook.torch.batch_norm`` (the eager
+    twin) and ``F.batch_norm``, on ``case``: the contenders of chapter ``ch-cost``.
+
+    >>> steps = batch_norm_steps(batch_norm_case((8, 3, 4, 4), seed=0))
+    >>> sorted(steps), steps["bnbook.numpy"]()[0].shape
+    (['F.batch_norm', 'bnbook.numpy', 'bnbook.torch'], (8, 3, 4, 4))
+    """
+    import torch.nn.functional as F
+
+    import bnbook.numpy as bnp
+    import bnbook.torch as bnt
+
+    def numpy_step():
+        _, cache = bnp.batch_norm_forward(case.x_np, case.gamma, case.beta)
+        return bnp.batch_norm_backward(case.dy_np, cache)
+
+    return {
+        "bnbook.numpy": numpy_step,
+        "bnbook.torch": torch_training_step(bnt.batch_norm, case),
+        "F.batch_norm": torch_training_step(F.batch_norm, case),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,88 +442,33 @@ def profiler_share(
     return statistics.median(profiler_shares(step, steps, runs, warmup, quiet))
 
 
-# ------------------------------------------------------------------------------------------------
-# The machine
-# ------------------------------------------------------------------------------------------------
+def small_cnn(channels: tuple[int, int] = (8, 16), hidden: int = 32):
+    """The small CNN of chapter ``ch-cost``, for 28×28 single-channel images and 10 classes.
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)
-_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+    Two Conv(3×3, no bias)–BatchNorm2d–ReLU–MaxPool stages with ``channels`` = (c₁, c₂) filters,
+    then Flatten–Linear(no bias)–BatchNorm1d–ReLU with ``hidden`` units and a Linear classifier:
+    three batch norms, each right after the layer it can be folded into (``bnbook.fusion.fold_bn``).
+    The layers are ``torch.nn``'s; the network is created on the CPU.
 
-
-def _bytes(text: str) -> int | None:
-    m = _SIZE.match(text)
-    return int(m.group(1)) * _UNIT[m.group(2).upper()] if m else None
-
-
-def cache_sizes(root: str | os.PathLike = "/sys/devices/system/cpu/cpu0/cache") -> dict[str, int]:
-    """Sizes in bytes of the data (or unified) caches the first CPU core sees, by level.
-
-    Read from Linux's ``sysfs`` (``index*/level``, ``type``, ``size`` under ``root``); where it is
-    missing, from ``os.sysconf`` (glibc's ``_SC_LEVEL*_CACHE_SIZE``). Levels it cannot find are
-    left out, so the result may be empty.
-
-    Returns
-    -------
-    dict
-        For example ``{"L1": 32768, "L2": 1048576, "L3": 33554432}``. An L2 is usually per core,
-        an L3 shared by several cores.
+    >>> net = small_cnn()
+    >>> len(net), sum(type(m).__name__.startswith("BatchNorm") for m in net)
+    (13, 3)
     """
-    sizes: dict[str, int] = {}
-    for index in sorted(Path(root).glob("index*")):
-        try:
-            level = (index / "level").read_text().strip()
-            kind = (index / "type").read_text().strip()
-            size = _bytes((index / "size").read_text())
-        except OSError:
-            continue
-        if kind != "Instruction" and size:
-            sizes[f"L{level}"] = size
-    if sizes:
-        return sizes
-    names = {
-        "L1": "SC_LEVEL1_DCACHE_SIZE",
-        "L2": "SC_LEVEL2_CACHE_SIZE",
-        "L3": "SC_LEVEL3_CACHE_SIZE",
-    }
-    for level, name in names.items():
-        try:
-            value = os.sysconf(name)
-        except (ValueError, OSError):
-            continue
-        if value > 0:
-            sizes[level] = value
-    return sizes
+    from torch import nn
 
-
-def format_caches(sizes: Mapping[str, int]) -> str:
-    """``{"L1": 32768, "L2": 524288}`` as ``"L1 32K, L2 512K"`` (the benchmark CSV's format).
-
-    >>> format_caches({"L1": 32768, "L2": 524288})
-    'L1 32K, L2 512K'
-    """
-    return ", ".join(f"{level} {size // 1024}K" for level, size in sizes.items())
-
-
-def parse_caches(text: str) -> dict[str, int]:
-    """The inverse of :func:`format_caches`.
-
-    >>> parse_caches("L1 32K, L2 512K, L3 8192K")["L3"] / 2**20
-    8.0
-    """
-    return {level: int(kib) * 1024 for level, kib in re.findall(r"(L\d) (\d+)K", text)}
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the operating system reports it (``/proc/cpuinfo`` on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def minor_faults() -> int:
-    """Minor page faults of this process so far (first touches of fresh memory pages)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    c1, c2 = channels
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(c2 * 7 * 7, hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 10),
+    )

@@ -31,6 +31,7 @@ catastrophically in floating point).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -58,6 +59,13 @@ __all__ = [
 # Process this many elements per block: big enough to amortise Python overhead, small enough
 # (1 MiB of float32) that a block's temporaries stay in the L2/L3 cache.
 _BLOCK_ELEMENTS = 1 << 18
+
+# The algorithm is chosen by the length L of a channel's run of contiguous values (prod(spatial)).
+# From this length on, one channel of one sample is a long row: the per-channel coefficients are
+# scalars along the row, which NumPy's vector loops handle at full speed ("rows" layout). Below it
+# (dense inputs, 7x7 or 14x14 maps) rows are short and a per-row loop costs more than it computes,
+# so each sample is seen as one row of C*L values with coefficients repeated L times ("columns").
+_LONG_ROW = 2048
 
 
 class BNCache(NamedTuple):
@@ -140,21 +148,16 @@ def _channel_sum(x3: np.ndarray) -> np.ndarray:
     return (x3.reshape(n * c, length) @ ones).reshape(n, c).sum(axis=0)
 
 
-def _centered_stats(x3: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Second pass: per-channel sum of (x − μ) and of (x − μ)², a block of samples at a time.
+def _empty_batch(x: np.ndarray, gamma, beta, eps: float) -> tuple[np.ndarray, BNCache]:
+    """An input with no values per channel (N = 0, or an empty spatial axis), as torch does it.
 
-    The sum of (x − μ) is zero in exact arithmetic; in floating point it measures the error of the
-    first-pass mean, and the "corrected two-pass" algorithm of Chan, Golub and LeVeque uses it to
-    remove that error from the variance and from the mean.
+    The output is empty; there are no statistics to compute, so the cache holds μ = 0 and σ² = 0
+    (never NaN) and the backward pass returns zero gradients for γ and β.
     """
-    n, c, length = x3.shape
-    total = np.zeros(c, dtype=x3.dtype)
-    total_sq = np.zeros(c, dtype=x3.dtype)
-    for block in _blocks(n, c * length):
-        centered = x3[block] - mean[:, None]
-        total += _channel_sum(centered)
-        total_sq += np.vecdot(centered, centered).sum(axis=0)
-    return total, total_sq
+    zeros = np.zeros(x.shape[1], dtype=x.dtype)
+    invstd = np.full(x.shape[1], 1.0 / math.sqrt(eps), dtype=x.dtype)
+    cache = BNCache(x=x, mean=zeros, var=zeros.copy(), invstd=invstd, gamma=gamma, eps=eps)
+    return np.empty_like(x, order="C"), cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +173,8 @@ def batch_norm_forward(
     Parameters
     ----------
     x : ndarray, shape (N, C) or (N, C, *spatial)
-        Floating-point input; statistics are per channel (axis 1) over every other axis.
+        Floating-point input; statistics are per channel (axis 1) over every other axis. An
+        empty batch (N = 0) gives an empty output, as in PyTorch.
     gamma, beta : ndarray, shape (C,)
         Scale γ and shift β (equation 4).
     eps : float
@@ -191,6 +195,16 @@ def batch_norm_forward(
         ``x`` has fewer than 2 dimensions, one value per channel, a ``gamma``/``beta`` whose shape is
         not ``(C,)``, or ``eps <= 0``.
 
+    Notes
+    -----
+    Both algorithms are the corrected two-pass method: the mean from one pass, then the sums of
+    x − μ and of (x − μ)² from a second (the first sum, zero in exact arithmetic, corrects the
+    rounding error of the mean). They differ in how memory is walked, chosen by the length L of a
+    channel's contiguous run: for long runs, one row per channel and sample, with per-channel
+    scalars along it; for short runs and dense inputs, rows of r whole samples, with rows of
+    per-channel coefficients. Either way x − μ is written into the output and reduced while it
+    is in cache, and no array but the output is allocated.
+
     References
     ----------
     Equations (1)–(4) of the source article; chapter ``ch-transform``.
@@ -200,28 +214,12 @@ def batch_norm_forward(
     beta = _check_param(beta, "beta", x)
     check_eps(eps)
     check_training_size(x.shape)
-
+    if x.size == 0:
+        return _empty_batch(x, gamma, beta, float(eps))
     x3, length = _as_ncl(x)
-    if length == 1:
-        return _dense_forward(x, x3[:, :, 0], gamma, beta, float(eps))
-    m = x.size // x.shape[1]
-    mean = _channel_sum(x3) / m  # (1)
-    residual, sum_sq = _centered_stats(x3, mean)
-    var = np.maximum((sum_sq - residual * residual / m) / m, 0)  # (2), biased
-    mean = mean + residual / m  # the same correction for μ itself
-    invstd = 1.0 / np.sqrt(var + eps)  # the 1/sqrt(σ² + ε) of (3)
-
-    # (3) and (4) as one multiply per element: y = (x − μ)·a + β with a = γ/sqrt(σ² + ε) per channel.
-    # Subtracting μ before scaling keeps float32 accurate for inputs far from zero.
-    scale = (gamma * invstd).astype(x.dtype, copy=False)
-    y = np.empty_like(x3)
-    for block in _blocks(x3.shape[0], x3.shape[1] * x3.shape[2]):
-        out = y[block]
-        np.subtract(x3[block], mean[:, None], out=out)
-        out *= scale[:, None]
-        out += beta[:, None]
-    cache = BNCache(x=x, mean=mean, var=var, invstd=invstd, gamma=gamma, eps=float(eps))
-    return y.reshape(x.shape), cache
+    if length >= _LONG_ROW:
+        return _rows_forward(x, x3, gamma, beta, float(eps))
+    return _columns_forward(x, x3, gamma, beta, float(eps))
 
 
 def batch_norm_backward(
@@ -254,90 +252,200 @@ def batch_norm_backward(
     x = cache.x
     dy = check_grad_shape(dy, x.shape)
     dy = dy.astype(x.dtype, copy=False)
+    if x.size == 0:
+        zeros = np.zeros(x.shape[1], dtype=x.dtype)
+        return np.empty_like(x, order="C"), zeros, zeros.copy()
     x3, length = _as_ncl(x)
     dy3, _ = _as_ncl(dy)
-    if length == 1:
-        return _dense_backward(dy3[:, :, 0], x3[:, :, 0], cache)
-    n, c, _ = x3.shape
-    m = n * length
-    mean, invstd = cache.mean, cache.invstd
-
-    # Per-channel Σ dy and Σ dy·(x − μ), a block at a time; Σ dy·x̂ = invstd · Σ dy·(x − μ).
-    sum_dy = np.zeros(c, dtype=x.dtype)
-    sum_dy_xc = np.zeros(c, dtype=x.dtype)
-    for block in _blocks(n, c * length):
-        sum_dy += _channel_sum(dy3[block])
-        centered = x3[block] - mean[:, None]
-        sum_dy_xc += np.vecdot(dy3[block], centered).sum(axis=0)
-    dbeta = sum_dy
-    dgamma = sum_dy_xc * invstd
-
-    # dx = k·dy + j·(x − μ) + h with per-channel k = γσ⁻¹, j = −k σ⁻¹ dγ / m, h = −k dβ / m.
-    k = cache.gamma * invstd
-    j = -k * invstd * dgamma / m
-    h = -k * dbeta / m
-    dx = np.empty_like(x3)
-    for block in _blocks(n, c * length):
-        out = dx[block]
-        np.subtract(x3[block], mean[:, None], out=out)
-        out *= j[:, None]
-        out += h[:, None]
-        out += dy3[block] * k[:, None]
-    return dx.reshape(x.shape), dgamma, dbeta
+    if length >= _LONG_ROW:
+        return _rows_backward(dy3, x3, cache)
+    return _columns_backward(dy3, x3, cache)
 
 
-def _dense_forward(x, x2, gamma, beta, eps) -> tuple[np.ndarray, BNCache]:
-    """:func:`batch_norm_forward` for an (N, C) table (no spatial axes).
+def _statistics(mean, residual, sum_sq, m: int, gamma, beta, eps: float, dtype):
+    """From the sums of the two passes: μ, σ², 1/sqrt(σ² + ε), and the per-channel a and b of
+    ``y = (x − μ₁)·a + b``, where μ₁ is the first-pass mean the sums are centred on.
 
-    The same corrected two-pass statistics, but each per-channel sum is a matrix-vector product
-    over the rows (``ones @ x``) and the sum of squares an ``einsum``, a block of rows at a time
-    so that x − μ, written straight into the output, is still in cache when it is reduced. (The
-    spatial path would reduce over a length-1 axis element by element here.)
+    The sum of x − μ₁ (``residual``), zero in exact arithmetic, corrects both the variance and
+    the mean for the rounding error of μ₁ (the corrected two-pass algorithm).
     """
-    n, c = x2.shape
-    dtype = x2.dtype
-    ones = np.ones(n, dtype=dtype)
-    mean = (ones @ x2) / n  # (1)
-    y = np.empty_like(x2)
-    residual = np.zeros(c, dtype=dtype)
-    sum_sq = np.zeros(c, dtype=dtype)
-    for block in _blocks(n, c):
-        out = np.subtract(x2[block], mean, out=y[block])  # x − μ
-        residual += ones[block] @ out
-        sum_sq += np.einsum("ij,ij->j", out, out)
-    var = np.maximum((sum_sq - residual * residual / n) / n, 0)  # (2), biased
-    mean = mean + residual / n
-    invstd = 1.0 / np.sqrt(var + eps)  # (3)
-    scale = (gamma * invstd).astype(dtype, copy=False)
-    shift = (beta - residual / n * scale).astype(dtype, copy=False)  # μ's correction folded in
-    for block in _blocks(n, c):
+    var = np.maximum((sum_sq - residual * residual / m) / m, 0)  # (2), biased
+    invstd = 1.0 / np.sqrt(var + eps)  # the 1/sqrt(σ² + ε) of (3)
+    scale = gamma * invstd  # (3) and (4) as one multiply-add per element
+    shift = beta - residual / m * scale  # with μ's correction folded into the shift
+    mean = mean + residual / m
+    return mean, var, invstd, scale.astype(dtype, copy=False), shift.astype(dtype, copy=False)
+
+
+def _input_gradient_coefficients(cache: BNCache, sum_dy, sum_dy_xc, m: int):
+    """dγ, dβ and the per-channel k, c₁, c₂ of ``dx = k (dy + c₁ (x − μ) + c₂)``.
+
+    With k = γσ⁻¹, c₁ = −σ⁻¹ dγ / m and c₂ = −dβ / m this is the compact form above; written
+    with k outside, the last pass is four in-place operations and needs no temporary.
+    """
+    dbeta = sum_dy
+    dgamma = sum_dy_xc * cache.invstd
+    k = cache.gamma * cache.invstd
+    c1 = -cache.invstd * dgamma / m
+    c2 = -dbeta / m
+    return dgamma, dbeta, k, c1, c2
+
+
+def _input_gradient(dx, dy, k, c1, c2, blocks) -> None:
+    """The last pass: dx ← k (dy + c₁ (x − μ) + c₂) in place, where dx holds x − μ."""
+    for block in blocks:
+        out = dx[block]
+        out *= c1
+        out += dy[block]
+        out += c2
+        out *= k
+
+
+# ------------------------------------------------------------------ long rows: per channel
+
+
+def _rows_forward(x, x3, gamma, beta, eps) -> tuple[np.ndarray, BNCache]:
+    """Per-channel rows of length L ≥ ``_LONG_ROW``: sums through BLAS (``rows @ ones``).
+
+    x − μ is written straight into the output, a block of samples at a time, and reduced while
+    the block is still in cache; the output is then scaled and shifted in place.
+    """
+    n, c, length = x3.shape
+    m = n * length
+    mean = _channel_sum(x3) / m  # (1)
+    y = np.empty_like(x3)
+    residual = np.zeros(c, dtype=x3.dtype)
+    sum_sq = np.zeros(c, dtype=x3.dtype)
+    for block in _blocks(n, c * length):
+        centered = np.subtract(x3[block], mean[:, None], out=y[block])
+        residual += _channel_sum(centered)
+        sum_sq += np.vecdot(centered, centered).sum(axis=0)
+    mean, var, invstd, scale, shift = _statistics(
+        mean, residual, sum_sq, m, gamma, beta, eps, x3.dtype
+    )
+    # (3) and (4) applied to the x − μ already in y (subtracting μ before scaling keeps
+    # float32 accurate far from zero), per-channel scalars along each row
+    for block in _blocks(n, c * length):
         out = y[block]
-        out *= scale  # (4)
-        out += shift
+        out *= scale[:, None]
+        out += shift[:, None]
     cache = BNCache(x=x, mean=mean, var=var, invstd=invstd, gamma=gamma, eps=eps)
     return y.reshape(x.shape), cache
 
 
-def _dense_backward(dy2, x2, cache: BNCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`batch_norm_backward` for an (N, C) table: the same blocked reductions as the forward."""
-    n, c = x2.shape
-    dtype = x2.dtype
-    mean = cache.mean.astype(dtype, copy=False)
-    dbeta = np.ones(n, dtype=dtype) @ dy2
-    sum_dy_xc = np.zeros(c, dtype=dtype)
-    for block in _blocks(n, c):
-        sum_dy_xc += np.einsum("ij,ij->j", dy2[block], x2[block] - mean)
-    dgamma = sum_dy_xc * cache.invstd
-    k = cache.gamma * cache.invstd
-    j = (-k * cache.invstd * dgamma / n).astype(dtype, copy=False)
-    h = (-k * dbeta / n).astype(dtype, copy=False)
-    k = k.astype(dtype, copy=False)
-    dx = np.empty_like(x2)
-    for block in _blocks(n, c):
-        out = np.subtract(x2[block], mean, out=dx[block])
-        out *= j
-        out += h
-        out += dy2[block] * k
+def _rows_backward(dy3, x3, cache: BNCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n, c, length = x3.shape
+    m = n * length
+    mean = cache.mean.astype(x3.dtype, copy=False)[:, None]
+    # Per-channel Σ dy and Σ dy·(x − μ), a block at a time, with x − μ written into the
+    # output (it is needed again below); Σ dy·x̂ = σ⁻¹ · Σ dy·(x − μ).
+    dx = np.empty_like(x3)
+    sum_dy = np.zeros(c, dtype=x3.dtype)
+    sum_dy_xc = np.zeros(c, dtype=x3.dtype)
+    for block in _blocks(n, c * length):
+        sum_dy += _channel_sum(dy3[block])
+        centered = np.subtract(x3[block], mean, out=dx[block])
+        sum_dy_xc += np.vecdot(dy3[block], centered).sum(axis=0)
+    dgamma, dbeta, k, c1, c2 = _input_gradient_coefficients(cache, sum_dy, sum_dy_xc, m)
+    k, c1, c2 = (a.astype(x3.dtype, copy=False)[:, None] for a in (k, c1, c2))
+    _input_gradient(dx, dy3, k, c1, c2, _blocks(n, c * length))
+    return dx.reshape(cache.x.shape), dgamma, dbeta
+
+
+# --------------------------------------------------------- short rows: per sample, C·L wide
+
+
+# NumPy's loops with a per-column coefficient row run at full speed only on wide rows: a dense
+# (N, C) table is viewed as (N/r, r·C), r samples per row, with the coefficients repeated r times.
+_WIDE_ROW = 1 << 14
+
+
+@functools.lru_cache(maxsize=256)
+def _samples_per_row(n: int, per_sample: int) -> int:
+    """The r of the table (N/r, r·C·L): the smallest divisor of N that gives a wide row."""
+    least = -(-_WIDE_ROW // per_sample)  # ceil
+    if least <= 1 or n * per_sample < 4 * _WIDE_ROW:  # wide already, or too small to matter
+        return 1
+    if least >= n:
+        return n
+    divisors = (d for i in range(1, math.isqrt(n) + 1) if n % i == 0 for d in (i, n // i))
+    return min(d for d in divisors if d >= least)
+
+
+def _columns(a3: np.ndarray, r: int) -> np.ndarray:
+    """(N, C, L) as an (N/r, r·C·L) table: r samples per row."""
+    return a3.reshape(a3.shape[0] // r, -1)
+
+
+def _repeat(coefficient: np.ndarray, r: int, length: int, dtype) -> np.ndarray:
+    """A per-channel (C,) vector laid out like one row of the table: (r·C·L,)."""
+    if r == length == 1:
+        return coefficient.astype(dtype, copy=False)
+    row = np.empty((r, coefficient.size, length), dtype=dtype)
+    row[...] = coefficient[:, None]
+    return row.reshape(-1)
+
+
+def _fold(row: np.ndarray, r: int, length: int) -> np.ndarray:
+    """Per-channel sums of a row laid out like the table's: (r·C·L,) to (C,)."""
+    if r > 1:
+        row = np.add.reduce(row.reshape(r, -1), axis=0)
+    if length > 1:
+        row = row.reshape(-1, length) @ np.ones(length, dtype=row.dtype)
+    return row
+
+
+def _columns_forward(x, x3, gamma, beta, eps) -> tuple[np.ndarray, BNCache]:
+    """Short rows (L < ``_LONG_ROW``): column sums of an (N/r, r·C·L) table as ``ones @ table``.
+
+    The same passes as :func:`_rows_forward`; each per-channel sum is a matrix-vector product
+    over the rows of the table followed by a fold of the columns of a channel.
+    """
+    n, c, length = x3.shape
+    r = _samples_per_row(n, c * length)
+    x2 = _columns(x3, r)
+    dtype, m, width = x2.dtype, n * length, x2.shape[1]
+    ones = np.ones(x2.shape[0], dtype=dtype)
+    mean = _fold(ones @ x2, r, length) / m  # (1)
+    mean_row = _repeat(mean, r, length, dtype)
+    y = np.empty_like(x2)
+    residual = np.zeros(width, dtype=dtype)
+    sum_sq = np.zeros(width, dtype=dtype)
+    for block in _blocks(x2.shape[0], width):
+        centered = np.subtract(x2[block], mean_row, out=y[block])  # x − μ
+        residual += ones[block] @ centered
+        sum_sq += np.einsum("ij,ij->j", centered, centered)
+    residual, sum_sq = _fold(residual, r, length), _fold(sum_sq, r, length)
+    mean, var, invstd, scale, shift = _statistics(
+        mean, residual, sum_sq, m, gamma, beta, eps, dtype
+    )
+    scale_row, shift_row = (_repeat(a, r, length, dtype) for a in (scale, shift))
+    for block in _blocks(x2.shape[0], width):
+        out = y[block]
+        out *= scale_row  # (3) and (4)
+        out += shift_row
+    cache = BNCache(x=x, mean=mean, var=var, invstd=invstd, gamma=gamma, eps=eps)
+    return y.reshape(x.shape), cache
+
+
+def _columns_backward(dy3, x3, cache: BNCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n, c, length = x3.shape
+    r = _samples_per_row(n, c * length)
+    x2, dy2 = _columns(x3, r), _columns(dy3, r)
+    dtype, m, width = dy2.dtype, n * length, dy2.shape[1]
+    ones = np.ones(dy2.shape[0], dtype=dtype)
+    mean_row = _repeat(cache.mean, r, length, dtype)
+    dx = np.empty_like(dy2)
+    sum_dy = np.zeros(width, dtype=dtype)
+    sum_dy_xc = np.zeros(width, dtype=dtype)
+    for block in _blocks(dy2.shape[0], width):
+        centered = np.subtract(x2[block], mean_row, out=dx[block])  # x − μ, needed below
+        sum_dy += ones[block] @ dy2[block]
+        sum_dy_xc += np.einsum("ij,ij->j", dy2[block], centered)
+    sum_dy, sum_dy_xc = _fold(sum_dy, r, length), _fold(sum_dy_xc, r, length)
+    dgamma, dbeta, k, c1, c2 = _input_gradient_coefficients(cache, sum_dy, sum_dy_xc, m)
+    k, c1, c2 = (_repeat(a, r, length, dtype) for a in (k, c1, c2))
+    _input_gradient(dx, dy2, k, c1, c2, _blocks(dy2.shape[0], width))
     return dx.reshape(cache.x.shape), dgamma, dbeta
 
 
@@ -491,12 +599,20 @@ class BatchNorm:
     __call__ = forward
 
     def _update_running_stats(self, cache: BNCache) -> None:
+        """The momentum rule, applied in place: the arrays keep their identity and dtype.
+
+        Like PyTorch, an empty batch counts as a batch (``num_batches_tracked`` grows) but leaves
+        the running statistics unchanged: it has no statistics to contribute.
+        """
         self.num_batches_tracked += 1
-        factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        if cache.x.size == 0:
+            return
         m = cache.m
-        unbiased = cache.var * (m / (m - 1))
-        self.running_mean = (1 - factor) * self.running_mean + factor * cache.mean
-        self.running_var = (1 - factor) * self.running_var + factor * unbiased
+        factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        unbiased = cache.var * (m / (m - 1))  # m > 1: checked by the forward pass
+        for running, batch in ((self.running_mean, cache.mean), (self.running_var, unbiased)):
+            running *= 1 - factor
+            running += (factor * batch).astype(running.dtype, copy=False)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """Return ∂ℓ/∂x for the last :meth:`forward`; store ∂ℓ/∂γ and ∂ℓ/∂β in ``grad_weight``/``grad_bias``.

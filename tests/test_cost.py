@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnbook import cost
+from bnbook import cost, machine
 from bnbook.models import cnn
 
 
@@ -98,26 +98,26 @@ def test_cache_sizes_read_sysfs(tmp_path):
         (d / "level").write_text(level + "\n")
         (d / "type").write_text(kind + "\n")
         (d / "size").write_text(size + "\n")
-    assert cost.cache_sizes(tmp_path) == {"L1": 32 * 2**10, "L2": 2**20, "L3": 32 * 2**20}
+    assert machine.cache_sizes(tmp_path) == {"L1": 32 * 2**10, "L2": 2**20, "L3": 32 * 2**20}
 
 
 def test_cache_sizes_without_sysfs_fall_back_or_are_empty(tmp_path):
-    sizes = cost.cache_sizes(tmp_path / "missing")
+    sizes = machine.cache_sizes(tmp_path / "missing")
     assert all(level in {"L1", "L2", "L3"} and size > 0 for level, size in sizes.items())
 
 
 def test_cache_format_round_trips():
     sizes = {"L1": 32 * 2**10, "L2": 512 * 2**10, "L3": 8 * 2**20}
-    assert cost.format_caches(sizes) == "L1 32K, L2 512K, L3 8192K"
-    assert cost.parse_caches(cost.format_caches(sizes)) == sizes
+    assert machine.format_caches(sizes) == "L1 32K, L2 512K, L3 8192K"
+    assert machine.parse_caches(machine.format_caches(sizes)) == sizes
 
 
 def test_cpu_model_and_minor_faults():
-    assert isinstance(cost.cpu_model(), str) and cost.cpu_model()
-    before = cost.minor_faults()
+    assert isinstance(machine.cpu_model(), str) and machine.cpu_model()
+    before = machine.minor_faults()
     buf = np.ones(4 * 2**20 // 8)  # 4 MiB of fresh memory, touched
     assert buf.sum() > 0
-    assert cost.minor_faults() >= before
+    assert machine.minor_faults() >= before
 
 
 def test_timings_rounds_and_ratios_pair_samples_of_one_round():
@@ -133,3 +133,81 @@ def test_profiler_shares_gives_one_share_per_run():
     step = cost.training_step(cnn((4, 8), norm=nn.BatchNorm2d), batch=8, seed=0)
     shares = cost.profiler_shares(step, steps=1, runs=3, warmup=1)
     assert len(shares) == 3 and all(0 < s < 1 for s in shares)
+
+
+def test_ratio_quartiles_summarise_the_per_round_ratios():
+    t = cost.Timings({"a": [2.0, 4.0, 6.0, 8.0, 10.0], "b": [2.0] * 5})
+    assert t.ratio_quartiles("a", "b") == {
+        "min": 1.0,
+        "q1": 2.0,
+        "median": 3.0,
+        "q3": 4.0,
+        "max": 5.0,
+    }
+
+
+def test_bandwidths_take_the_faster_writing_kernel():
+    moved = {"read": 4e9, "copy": 8e9, "scale": 8e9}
+    assert cost.bandwidths({"read": 0.5, "copy": 1.0, "scale": 2.0}, moved) == (8.0, 8.0)
+    assert cost.bandwidths({"read": 1.0, "copy": 2.0, "scale": 0.5}, moved) == (4.0, 16.0)
+    # with live kernels: the bandwidths are positive and the limit follows from them
+    kernels, nbytes = cost.bandwidth_kernels(2**16, seed=0)
+    read, rw = cost.bandwidths(cost.cpu_times(kernels, repeats=2).fastest, nbytes)
+    assert read > 0 and rw > 0
+    assert cost.bandwidth_limit(10**6, "fwd", read, rw) > 0
+
+
+def test_small_cnn_classifies_mnist_sized_images_and_folds():
+    from bnbook.fusion import fold_bn
+
+    torch.manual_seed(0)
+    net = cost.small_cnn(channels=(4, 8), hidden=16)
+    assert net(torch.randn(5, 1, 28, 28)).shape == (5, 10)
+    assert sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net) == 3
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics other than 0 and 1
+            net(torch.randn(16, 1, 28, 28) * 2 + 1)
+    net.eval()
+    folded = fold_bn(net).eval()
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_machine_info_names_the_machine(monkeypatch):
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    info = machine.machine_info()
+    assert info["cpu"] == machine.cpu_model()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine.parse_caches(info["caches"]) == machine.cache_sizes()
+    assert info["torch"] == torch.__version__ and info["numpy"] == np.__version__
+    assert info["THP_MEM_ALLOC_ENABLE"] == "1" and info["OPENBLAS_CORETYPE"] == "unset"
+    assert all(isinstance(v, str) and v for v in info.values())
+
+
+def test_stored_run_reads_values_machine_and_cases(tmp_path):
+    path = tmp_path / "run.csv"
+    path.write_text(
+        "section,case,impl,metric,value\n"
+        "machine,,,cpu,Some CPU\n"
+        "machine,,,cores,2\n"
+        "bandwidth,0.5,numpy,read_GBps,40.5\n"
+        "bandwidth,0.25,numpy,read_GBps,50\n"
+        "bandwidth,0.5,numpy,copy_GBps,30\n"
+    )
+    run = machine.StoredRun(path)
+    assert run.machine == {"cpu": "Some CPU", "cores": "2"}
+    assert run.value("bandwidth", "0.5", "numpy", "read_GBps") == 40.5
+    assert run.cases("bandwidth") == ["0.5", "0.25"]
+    with pytest.raises(KeyError):
+        run.value("bandwidth", "0.5", "numpy", "scale_GBps")
+    assert machine.read_rows(path)[0] == {
+        "section": "machine",
+        "case": "",
+        "impl": "",
+        "metric": "cpu",
+        "value": "Some CPU",
+    }

@@ -301,3 +301,105 @@ def test_errors_name_argument_and_shapes():
         bnp.BatchNorm(3)(np.ones((4, 2)))
     with pytest.raises(RuntimeError, match="before forward"):
         bnp.BatchNorm(3).backward(np.ones((4, 3)))
+
+
+# ---------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4), (2, 3, 0, 4)])
+def test_empty_batch_in_training_matches_torch(shape):
+    ref = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[len(shape)](3, dtype=torch.float64)
+    layer = bnp.BatchNorm(3)
+    with torch.no_grad():
+        ref.running_mean.fill_(0.5)
+        ref.running_var.fill_(2.0)
+    layer.running_mean[:], layer.running_var[:] = 0.5, 2.0
+    x = np.zeros(shape)
+    xt = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+    yt = ref(xt)
+    yt.sum().backward()
+    y = layer(x)
+    dx = layer.backward(np.ones(shape))
+    assert y.shape == dx.shape == tuple(yt.shape) == shape
+    np.testing.assert_array_equal(layer.running_mean, ref.running_mean.numpy())  # unchanged
+    np.testing.assert_array_equal(layer.running_var, ref.running_var.numpy())
+    assert layer.num_batches_tracked == int(ref.num_batches_tracked) == 1
+    np.testing.assert_array_equal(layer.grad_weight, ref.weight.grad.numpy())  # zeros
+    np.testing.assert_array_equal(layer.grad_bias, ref.bias.grad.numpy())
+    _, cache = bnp.batch_norm_forward(x, np.ones(3), np.zeros(3))
+    assert np.isfinite(cache.mean).all() and np.isfinite(cache.var).all()
+
+
+def test_running_statistics_are_updated_in_place():
+    layer = bnp.BatchNorm(3)
+    held_mean, held_var = layer.running_mean, layer.running_var
+    layer(np.random.default_rng(0).normal(2.0, 3.0, size=(16, 3)))
+    assert layer.running_mean is held_mean and layer.running_var is held_var
+    assert np.all(held_mean != 0) and np.all(held_var != 1)  # the caller's arrays changed
+
+
+@pytest.mark.parametrize(
+    ("layer_dtype", "input_dtype"), [("float32", "float64"), ("float64", "float32")]
+)
+def test_running_statistics_keep_their_dtype(layer_dtype, input_dtype):
+    layer = bnp.BatchNorm(3, dtype=layer_dtype, momentum=None)
+    x = np.random.default_rng(1).normal(2.0, 3.0, size=(16, 3, 2)).astype(input_dtype)
+    for _ in range(2):
+        layer(x)
+    assert layer.running_mean.dtype == layer.running_var.dtype == np.dtype(layer_dtype)
+    # the cumulative average of two equal batches is that batch's statistics
+    np.testing.assert_allclose(layer.running_mean, x.mean(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(layer.running_var, x.var(axis=(0, 2), ddof=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape", [(60, 100), (64, 48), (6, 5, 7, 7), (3, 4, 14, 14), (2, 3, 48, 48), (256, 70)]
+)
+def test_every_algorithm_matches_torch_in_float32(shape):
+    # dense, short rows and long rows (L >= bnp._LONG_ROW): each layout of the algorithm
+    rng = np.random.default_rng(2)
+    x = rng.normal(5.0, 2.0, size=shape).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    gamma = rng.normal(size=shape[1]).astype(np.float32)
+    beta = rng.normal(size=shape[1]).astype(np.float32)
+    y, cache = bnp.batch_norm_forward(x, gamma, beta)
+    dx, dgamma, dbeta = bnp.batch_norm_backward(dy, cache)
+    xt, gt, bt = (
+        torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (x, gamma, beta)
+    )
+    yt = F.batch_norm(xt, None, None, gt, bt, training=True)
+    yt.backward(torch.tensor(dy, dtype=torch.float64))
+    for ours, ref in ((y, yt), (dx, xt.grad), (dgamma, gt.grad), (dbeta, bt.grad)):
+        ref = ref.detach().numpy()
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize(
+    ("layout", "settings"),
+    [
+        ("rows, blocked", {"_LONG_ROW": 1, "_BLOCK_ELEMENTS": 40}),
+        ("columns, r samples a row, blocked", {"_WIDE_ROW": 32, "_BLOCK_ELEMENTS": 40}),
+        ("columns, r samples a row", {"_WIDE_ROW": 32}),
+    ],
+)
+@pytest.mark.parametrize("shape", [(60, 5), (12, 3, 2, 2), (16, 3, 2, 3)])
+def test_each_layout_matches_torch(monkeypatch, layout, settings, shape):
+    # Small inputs take the layout that large ones would: long per-channel rows (blocked),
+    # or tables of r whole samples a row with repeated coefficients.
+    for name, value in settings.items():
+        monkeypatch.setattr(bnp, name, value)
+    bnp._samples_per_row.cache_clear()
+    try:
+        if "r samples" in layout:
+            assert bnp._samples_per_row(shape[0], int(np.prod(shape[1:]))) > 1
+        x, gamma, beta, dy = random_case(shape, seed=5)
+        y, cache = bnp.batch_norm_forward(x, gamma, beta)
+        dx, dgamma, dbeta = bnp.batch_norm_backward(dy, cache)
+    finally:
+        bnp._samples_per_row.cache_clear()
+    xt, gt, bt = (torch.tensor(a, requires_grad=True) for a in (x, gamma, beta))
+    yt = F.batch_norm(xt, None, None, gt, bt, training=True)
+    yt.backward(torch.tensor(dy))
+    for ours, ref in ((y, yt.detach()), (dx, xt.grad), (dgamma, gt.grad), (dbeta, bt.grad)):
+        np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-9, atol=1e-9)
