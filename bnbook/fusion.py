@@ -39,31 +39,56 @@ True
 from __future__ import annotations
 
 import copy
-import re
 from typing import TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["inference_affine", "fold_bn_into_linear", "fold_bn_into_conv", "fold_bn"]
+from bnbook.torch import _NormBase
+
+__all__ = [
+    "is_batch_norm",
+    "inference_affine",
+    "fold_bn_into_linear",
+    "fold_bn_into_conv",
+    "fold_bn",
+]
 
 ConvT = TypeVar("ConvT", nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-_BN_NAME = re.compile(r"^(Lazy)?BatchNorm[123]d$|^SyncBatchNorm$")
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _is_batch_norm(module: nn.Module) -> bool:
-    """True for torch's batch-norm layers and for drop-in twins with the same buffers."""
+def is_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a batch-norm layer, decided by its type, never by its name.
+
+    True for torch's batch norms (``torch.nn.modules.batchnorm._BatchNorm``: ``BatchNorm1d/2d/3d``,
+    ``SyncBatchNorm``, the lazy ones) and for every layer of this package built on
+    :class:`bnbook.torch._NormBase` that keeps running statistics and evaluates with them as one
+    affine map per channel (the twins, ghost batch norm, batch renormalisation, synchronised batch
+    norm, instance norm with ``track_running_stats=True``, the Full Normalisation sketch); not for
+    :class:`bnbook.small_batch.BatchLayerNorm`, whose evaluation mixes in per-sample statistics.
+
+    >>> from bnbook.norms import InstanceNorm2d
+    >>> is_batch_norm(nn.BatchNorm2d(3)), is_batch_norm(InstanceNorm2d(3, track_running_stats=True))
+    (True, True)
+    >>> is_batch_norm(InstanceNorm2d(3)), is_batch_norm(nn.LayerNorm(3))
+    (False, False)
+    """
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return True
-    return bool(_BN_NAME.match(type(module).__name__)) and hasattr(module, "running_var")
+    return bool(
+        isinstance(module, _NormBase)
+        and module.track_running_stats
+        and getattr(type(module), "eval_is_affine", True)
+    )
 
 
 def _check_bn(bn: nn.Module, what: str) -> None:
-    if not _is_batch_norm(bn):
+    if not is_batch_norm(bn):
         raise TypeError(
-            f"bn must be a batch-norm layer (BatchNorm1d/2d/3d), got {type(bn).__name__}"
+            "bn must be a batch-norm layer with running statistics (see is_batch_norm), got "
+            f"{type(bn).__name__}"
         )
     if bn.training:
         raise RuntimeError(
@@ -191,15 +216,7 @@ def fold_bn_into_linear(linear: nn.Linear, bn: nn.Module) -> nn.Linear:
     """
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-    _check_bn(bn, "linear layer")
-    if bn.num_features != linear.out_features:
-        raise ValueError(
-            f"bn.num_features must equal linear.out_features = {linear.out_features}, "
-            f"got {bn.num_features}"
-        )
-    folded = copy.deepcopy(linear)
-    folded.weight, folded.bias = _folded_parameters(linear.weight, linear.bias, bn)
-    return folded
+    return _fold(linear, bn, "linear.out_features", linear.out_features)
 
 
 def fold_bn_into_conv(conv: ConvT, bn: nn.Module) -> ConvT:
@@ -209,8 +226,9 @@ def fold_bn_into_conv(conv: ConvT, bn: nn.Module) -> ConvT:
     ----------
     conv : torch.nn.Conv1d, Conv2d or Conv3d
         Any padding, stride, dilation or groups; transposed convolutions are not supported.
-    bn : torch.nn.BatchNorm1d, BatchNorm2d, BatchNorm3d or a bnbook.torch twin
-        In eval mode, with running statistics, ``num_features == conv.out_channels``.
+    bn : nn.Module
+        Any layer :func:`is_batch_norm` accepts (``BatchNorm1d/2d/3d``, the package's twins and
+        variants), in eval mode, with ``num_features == conv.out_channels``.
 
     Returns
     -------
@@ -224,16 +242,9 @@ def fold_bn_into_conv(conv: ConvT, bn: nn.Module) -> ConvT:
 
     Raises
     ------
-    TypeError
-        If ``conv`` is not a (non-transposed) convolution or ``bn`` is not a batch-norm layer.
-    RuntimeError
-        If ``bn`` is in training mode.
-    ValueError
-        If ``bn.num_features != conv.out_channels``, or ``bn`` has no running statistics.
-
-    References
-    ----------
-    Chapter ``ch-inference``, section on folding.
+    TypeError, RuntimeError, ValueError
+        As :func:`fold_bn_into_linear`, for a convolution that is not one (transposed ones are not)
+        and for ``bn.num_features != conv.out_channels``.
 
     Examples
     --------
@@ -247,14 +258,16 @@ def fold_bn_into_conv(conv: ConvT, bn: nn.Module) -> ConvT:
         raise TypeError(
             f"conv must be an nn.Conv1d, nn.Conv2d or nn.Conv3d, got {type(conv).__name__}"
         )
-    _check_bn(bn, "convolution")
-    if bn.num_features != conv.out_channels:
-        raise ValueError(
-            f"bn.num_features must equal conv.out_channels = {conv.out_channels}, "
-            f"got {bn.num_features}"
-        )
-    folded = copy.deepcopy(conv)
-    folded.weight, folded.bias = _folded_parameters(conv.weight, conv.bias, bn)
+    return _fold(conv, bn, "conv.out_channels", conv.out_channels)
+
+
+def _fold(layer: nn.Module, bn: nn.Module, name: str, channels: int) -> nn.Module:
+    """A copy of ``layer`` (Linear or Conv) with ``bn``'s inference map folded into it."""
+    _check_bn(bn, "linear layer" if isinstance(layer, nn.Linear) else "convolution")
+    if bn.num_features != channels:
+        raise ValueError(f"bn.num_features must equal {name} = {channels}, got {bn.num_features}")
+    folded = copy.deepcopy(layer)
+    folded.weight, folded.bias = _folded_parameters(layer.weight, layer.bias, bn)
     return folded
 
 
@@ -263,15 +276,12 @@ def _fold_sequential(seq: nn.Sequential) -> int:
     children = list(seq.named_children())
     count = 0
     for (name, layer), (next_name, nxt) in zip(children, children[1:], strict=False):
-        if not (_is_batch_norm(nxt) and isinstance(layer, (nn.Linear, *_CONV_TYPES))):
+        if not (is_batch_norm(nxt) and isinstance(layer, (nn.Linear, *_CONV_TYPES))):
             continue
         if getattr(nxt, "running_mean", None) is None:
             continue  # no running statistics: not an affine map, leave it as it is
-        if isinstance(layer, nn.Linear):
-            fused = fold_bn_into_linear(layer, nxt)
-        else:
-            fused = fold_bn_into_conv(layer, nxt)
-        setattr(seq, name, fused)
+        width = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        setattr(seq, name, _fold(layer, nxt, "the width of the layer before it", width))
         setattr(seq, next_name, nn.Identity())
         count += 1
     for _, child in seq.named_children():
@@ -310,7 +320,7 @@ def fold_bn(model: nn.Sequential) -> nn.Sequential:
 
     References
     ----------
-    Chapter ``ch-inference``, section on folding.
+    Chapter ``ch-inference``, section on folding; ``ch-cost`` measures what it saves.
 
     Examples
     --------

@@ -1,4 +1,4 @@
-"""Tests of bnbook.distributed: Chan's formula, the synchronised layer in one process (a gloo group
+"""Tests of bnbook.distributed, bnbook.launch and bnbook.distributed_workers: Chan's formula, the synchronised layer in one process (a gloo group
 of one) and in two spawned processes against one process on the concatenated batch, the converter,
 the launcher's clean-up, and errors."""
 
@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnbook.distributed as D
+import bnbook.distributed_workers as W
+import bnbook.launch as LA
 from bnbook.torch import BatchNorm2d
 
 F64 = torch.float64
@@ -253,7 +255,7 @@ def _check_two_process(results, x, grads, tol, momentum=0.1):
 def _port_is_free(port: int) -> bool:
     with socket.socket() as s:
         try:
-            s.bind((D.LOOPBACK, port))
+            s.bind((LA.LOOPBACK, port))
         except OSError:
             return False
     return True
@@ -280,32 +282,37 @@ def test_two_processes_equal_one_process_on_the_whole_batch(monkeypatch):
     x_2d = torch.randn(6, 4, generator=gen, dtype=F64)
     g_2d = [torch.randn(x_2d.shape, generator=gen, dtype=F64)]
     tasks = [
-        (D.equivalence_worker, {"x": x64, "grads": g64}),
-        (D.equivalence_worker, {"x": x32, "grads": g32}),
+        (W.equivalence_worker, {"x": x64, "grads": g64}),
+        (W.equivalence_worker, {"x": x32, "grads": g32}),
         # unequal shards (3 and 4 samples) and the cumulative average
-        (D.equivalence_worker, {"x": x_odd, "grads": g_odd, "sizes": (3, 4), "momentum": None}),
+        (W.equivalence_worker, {"x": x_odd, "grads": g_odd, "sizes": (3, 4), "momentum": None}),
         # an empty shard on rank 0, and inputs of rank 6 and 2, as torch.nn.SyncBatchNorm allows
-        (D.equivalence_worker, {"x": x_6d, "grads": g_6d, "sizes": (0, 5)}),
-        (D.equivalence_worker, {"x": x_2d, "grads": g_2d, "sizes": (2, 4)}),
-        (D.worker_info, {}),
+        (W.equivalence_worker, {"x": x_6d, "grads": g_6d, "sizes": (0, 5)}),
+        (W.equivalence_worker, {"x": x_2d, "grads": g_2d, "sizes": (2, 4)}),
+        (W.worker_info, {}),
+        (W.timing_worker, {"shape": (4, 2, 3, 3), "repeats": 3, "payload_factor": 2}),
     ]
-    per_rank = D.launch(D.tasks_worker, 2, (tasks,), timeout=120)
+    per_rank = LA.launch(W.tasks_worker, 2, (tasks,), timeout=120)
     _check_two_process([r[0] for r in per_rank], x64, g64, tol=1e-9)
     _check_two_process([r[1] for r in per_rank], x32, g32, tol=1e-5)
     _check_two_process([r[2] for r in per_rank], x_odd, g_odd, tol=1e-9, momentum=None)
     _check_two_process([r[3] for r in per_rank], x_6d, g_6d, tol=1e-9)
     assert per_rank[0][3]["y"][0].shape == (0, 2, 3, 2, 2, 2)
     _check_two_process([r[4] for r in per_rank], x_2d, g_2d, tol=1e-9)
-    expected = D.choose_backend(2)
+    expected = LA.choose_backend(2)
     assert [r[5] for r in per_rank] == [
         {
             "rank": k,
             "world_size": 2,
             "backend": expected,
-            "device": str(D._worker_device(k, expected)),
+            "device": str(LA.worker_device(k, expected)),
         }
         for k in range(2)
     ]
+    # the timing task: one wall-clock sample per round for each of the four, on both ranks
+    for timing in (r[6] for r in per_rank):
+        assert sorted(timing) == ["collectives", "collectives_large", "local", "sync"]
+        assert all(len(v) == 3 and min(v) > 0 for v in timing.values()), timing
     # the launcher served its store on one port, and closed it
     assert len(ports) == 1 and _port_is_free(ports[0])
 
@@ -316,7 +323,7 @@ def test_launch_reports_a_failing_worker_and_cleans_up():
 
     # math.log(rank, world_size) = math.log(0, 1) raises "math domain error" in the worker
     with pytest.raises(RuntimeError, match="worker 0 raised:(.|\n)*math domain error"):
-        D.launch(D.tasks_worker, 1, ([(math.log, {})],), timeout=60)
+        LA.launch(W.tasks_worker, 1, ([(math.log, {})],), timeout=60)
     assert multiprocessing.active_children() == []
 
 
@@ -324,12 +331,12 @@ def test_launch_argument_errors():
     import multiprocessing
 
     with pytest.raises(ValueError, match="world_size"):
-        D.launch(D.tasks_worker, 0)
+        LA.launch(W.tasks_worker, 0)
     with pytest.raises(ValueError, match="backend must be"):
-        D.launch(D.tasks_worker, 1, backend="mpi")
-    if D._gpu_count() < 2:  # refused up front, before any worker starts
+        LA.launch(W.tasks_worker, 1, backend="mpi")
+    if LA._gpu_count() < 2:  # refused up front, before any worker starts
         with pytest.raises(ValueError, match="backend='nccl'.*world_size=2"):
-            D.launch(D.tasks_worker, 2, ([],), backend="nccl")
+            LA.launch(W.tasks_worker, 2, ([],), backend="nccl")
     assert multiprocessing.active_children() == []
 
 
@@ -362,15 +369,15 @@ def gpus(monkeypatch):
 )
 def test_choose_backend_takes_nccl_only_with_a_gpu_per_worker(gpus, n_gpus, world_size, expected):
     gpus(n_gpus)
-    assert D.choose_backend(world_size) == expected
-    assert D.choose_backend(world_size, "gloo") == "gloo"
+    assert LA.choose_backend(world_size) == expected
+    assert LA.choose_backend(world_size, "gloo") == "gloo"
 
 
 @pytest.mark.parametrize(("n_gpus", "world_size"), [(0, 1), (0, 2), (1, 2), (3, 4)])
 def test_nccl_without_enough_gpus_is_refused(gpus, n_gpus, world_size):
     gpus(n_gpus)
     with pytest.raises(ValueError) as info:
-        D.choose_backend(world_size, "nccl")
+        LA.choose_backend(world_size, "nccl")
     message = str(info.value)
     assert "nccl" in message and f"world_size={world_size}" in message
     assert f"{n_gpus} GPU(s)" in message
@@ -378,14 +385,14 @@ def test_nccl_without_enough_gpus_is_refused(gpus, n_gpus, world_size):
 
 def test_nccl_with_enough_gpus_is_accepted(gpus):
     gpus(4)
-    assert D.choose_backend(4, "nccl") == "nccl"
+    assert LA.choose_backend(4, "nccl") == "nccl"
     with pytest.raises(ValueError, match="backend must be"):
-        D.choose_backend(2, "NCCL")
+        LA.choose_backend(2, "NCCL")
 
 
 def test_a_single_gpu_launch_runs_two_workers_on_gloo(gpus):
     gpus(1)  # the parent decides; the workers then never touch CUDA
-    infos = D.launch(D.tasks_worker, 2, ([(D.worker_info, {})],), timeout=120)
+    infos = LA.launch(W.tasks_worker, 2, ([(W.worker_info, {})],), timeout=120)
     assert [i[0]["backend"] for i in infos] == ["gloo", "gloo"]
     assert [i[0]["device"] for i in infos] == ["cpu", "cpu"]
 
@@ -395,7 +402,7 @@ def test_nccl_two_gpus_equal_one_process():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 4, 4, generator=gen, dtype=F64) * 2 + 5
     grads = [torch.randn(x.shape, generator=gen, dtype=F64) for _ in range(2)]
-    tasks = [(D.equivalence_worker, {"x": x, "grads": grads}), (D.worker_info, {})]
-    per_rank = D.launch(D.tasks_worker, 2, (tasks,), backend="nccl", timeout=120)
+    tasks = [(W.equivalence_worker, {"x": x, "grads": grads}), (W.worker_info, {})]
+    per_rank = LA.launch(W.tasks_worker, 2, (tasks,), backend="nccl", timeout=120)
     assert [r[1]["device"] for r in per_rank] == ["cuda:0", "cuda:1"]
     _check_two_process([r[0] for r in per_rank], x, grads, tol=1e-9)

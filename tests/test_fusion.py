@@ -312,3 +312,25 @@ def test_property_folded_linear_equals_bn_of_linear(n_in, n_out, batch, bias, af
     bn = _randomise_bn(nn.BatchNorm1d(n_out, eps=eps, affine=affine, dtype=DOUBLE), seed)
     x = torch.randn(batch, n_in, dtype=DOUBLE)
     torch.testing.assert_close(fold_bn_into_linear(lin, bn)(x), bn(lin(x)), rtol=1e-10, atol=1e-10)
+
+
+def test_is_batch_norm_goes_by_type_not_by_name():
+    from bnbook.fusion import is_batch_norm
+    from bnbook.norms import InstanceNorm2d
+    from bnbook.small_batch import BatchLayerNorm, GhostBatchNorm2d
+
+    class BatchNorm2d(nn.Module):  # the name of a batch norm, and its buffers, but not the type
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("running_mean", torch.zeros(3))
+            self.register_buffer("running_var", torch.ones(3))
+            self.momentum = 0.1
+
+    assert not is_batch_norm(BatchNorm2d())
+    assert is_batch_norm(GhostBatchNorm2d(3, ghost_batch_size=2))  # no "BatchNorm2d" in its name
+    assert is_batch_norm(InstanceNorm2d(3, track_running_stats=True))
+    assert not is_batch_norm(InstanceNorm2d(3))  # no running statistics: no fixed map
+    assert not is_batch_norm(BatchLayerNorm(3, batch_size=4))  # evaluation is not one affine map
+    conv = nn.Conv2d(1, 3, 3)
+    folded = fold_bn(nn.Sequential(conv, GhostBatchNorm2d(3, ghost_batch_size=2)).eval())
+    assert isinstance(folded[1], nn.Identity)

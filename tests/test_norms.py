@@ -12,6 +12,9 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm as torch_weight_norm
 
 import bnbook.norms as N
+import bnbook.norms_numpy as NP
+import bnbook.small_batch as SB
+from bnbook import models, train
 from bnbook.gradcheck import numerical_gradient
 
 F64 = torch.float64
@@ -139,7 +142,7 @@ def test_weight_norm_state_dict_round_trips_with_torch():
 
 
 def test_renorm_with_unit_limits_is_batch_norm(x4):
-    ours = N.BatchRenorm2d(6, r_max=1.0, d_max=0.0, dtype=F64)
+    ours = SB.BatchRenorm2d(6, r_max=1.0, d_max=0.0, dtype=F64)
     ref = nn.BatchNorm2d(6, dtype=F64)
     _randomise(ours)
     _copy_params(ours, ref)
@@ -153,13 +156,13 @@ def test_renorm_with_unit_limits_is_batch_norm(x4):
 
 
 def test_renorm_momentum_none_is_cumulative_average(x4):
-    ours = N.BatchRenorm2d(6, momentum=None, r_max=1.0, d_max=0.0, dtype=F64)
+    ours = SB.BatchRenorm2d(6, momentum=None, r_max=1.0, d_max=0.0, dtype=F64)
     ref = nn.BatchNorm2d(6, momentum=None, dtype=F64)
     _compare(ours, ref, x4, steps=3)
 
 
 def test_full_norm_sketch_with_alpha_one_trains_like_batch_norm(x4):
-    ours, ref = N.FullNormSketch(6, alpha=1.0, dtype=F64), nn.BatchNorm2d(6, dtype=F64)
+    ours, ref = SB.FullNormSketch(6, alpha=1.0, dtype=F64), nn.BatchNorm2d(6, dtype=F64)
     _randomise(ours)
     _copy_params(ours, ref)
     for t in range(2):
@@ -191,7 +194,7 @@ def _renorm_reference(x, mean, var, weight, bias, r_max, d_max, eps, stop):
 
 
 def test_renorm_matches_formula_with_stopped_gradient(x4):
-    layer = N.BatchRenorm2d(6, r_max=1.5, d_max=0.5, dtype=F64)
+    layer = SB.BatchRenorm2d(6, r_max=1.5, d_max=0.5, dtype=F64)
     _randomise(layer)
     with torch.no_grad():  # running statistics far from the batch's, so the clips are active
         layer.running_mean.fill_(3.0)
@@ -215,7 +218,7 @@ def test_renorm_matches_formula_with_stopped_gradient(x4):
 
 
 def test_renorm_running_statistics_follow_torch_convention(x4):
-    layer = N.BatchRenorm2d(6, momentum=0.3, dtype=F64)
+    layer = SB.BatchRenorm2d(6, momentum=0.3, dtype=F64)
     layer(x4)
     m = x4.shape[0] * 25
     mean = x4.mean((0, 2, 3))
@@ -227,17 +230,17 @@ def test_renorm_running_statistics_follow_torch_convention(x4):
 
 def test_renorm_limits_schedule():
     kw = dict(r_max=3.0, d_max=5.0, warmup_steps=100, r_ramp_steps=400, d_ramp_steps=200)
-    assert N.renorm_limits(0, **kw) == (1.0, 0.0)
-    assert N.renorm_limits(99, **kw) == (1.0, 0.0)
-    assert N.renorm_limits(200, **kw) == (1.5, 2.5)
-    assert N.renorm_limits(300, **kw) == (2.0, 5.0)
-    assert N.renorm_limits(10_000, **kw) == (3.0, 5.0)
+    assert SB.renorm_limits(0, **kw) == (1.0, 0.0)
+    assert SB.renorm_limits(99, **kw) == (1.0, 0.0)
+    assert SB.renorm_limits(200, **kw) == (1.5, 2.5)
+    assert SB.renorm_limits(300, **kw) == (2.0, 5.0)
+    assert SB.renorm_limits(10_000, **kw) == (3.0, 5.0)
     with pytest.raises(ValueError, match="r_max"):
-        N.renorm_limits(0, r_max=0.5)
+        SB.renorm_limits(0, r_max=0.5)
 
 
 def test_renorm_layer_uses_its_step_counter(x4):
-    layer = N.BatchRenorm2d(6, warmup_steps=2, r_ramp_steps=2, d_ramp_steps=2, dtype=F64)
+    layer = SB.BatchRenorm2d(6, warmup_steps=2, r_ramp_steps=2, d_ramp_steps=2, dtype=F64)
     seen = []
     for _ in range(5):
         seen.append(layer.current_limits())
@@ -251,7 +254,7 @@ def test_renorm_layer_uses_its_step_counter(x4):
 
 
 def test_batch_layer_norm_is_the_weighted_mix(x4):
-    layer = N.BatchLayerNorm(6, batch_size=4, dtype=F64)
+    layer = SB.BatchLayerNorm(6, batch_size=4, dtype=F64)
     _randomise(layer)
     y = layer(x4)
     ln = N.standardize(x4, (1, 2, 3))
@@ -271,19 +274,19 @@ def test_batch_layer_norm_is_the_weighted_mix(x4):
 
 
 def test_batch_layer_norm_with_m_one_is_layer_norm(x4):
-    layer = N.BatchLayerNorm(6, batch_size=1, dtype=F64)
+    layer = SB.BatchLayerNorm(6, batch_size=1, dtype=F64)
     torch.testing.assert_close(layer(x4), N.standardize(x4, (1, 2, 3)), atol=TOL, rtol=0)
-    assert int(layer.num_batches_tracked) == 0
+    assert bool((layer.running_mean == 0).all()) and bool((layer.running_var == 1).all())
 
 
 def test_batch_layer_norm_gradcheck():
-    layer = N.BatchLayerNorm(3, batch_size=2, dtype=F64)
+    layer = SB.BatchLayerNorm(3, batch_size=2, dtype=F64)
     x = torch.randn(2, 3, 3, 3, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: layer(t), (x,))
 
 
 def test_full_norm_sketch_update_is_weighted_chan():
-    layer = N.FullNormSketch(1, alpha=0.25, affine=False, dtype=F64)
+    layer = SB.FullNormSketch(1, alpha=0.25, affine=False, dtype=F64)
     a = torch.randn(5, 1, dtype=F64)
     b = torch.randn(5, 1, dtype=F64) + 2
     layer(a)
@@ -297,7 +300,7 @@ def test_full_norm_sketch_update_is_weighted_chan():
 
 
 def test_full_norm_sketch_gradient_flows_only_through_current_batch():
-    layer = N.FullNormSketch(2, alpha=0.5, affine=False, dtype=F64)
+    layer = SB.FullNormSketch(2, alpha=0.5, affine=False, dtype=F64)
     layer(torch.randn(6, 2, dtype=F64))
     mean0, var0 = layer.running_mean.clone(), layer.running_var.clone()
 
@@ -333,9 +336,9 @@ def test_standardize_backward_matches_numerical_gradient(shape, axes, seed):
     rng = np.random.default_rng(seed)
     x = rng.normal(1.0, 2.0, size=shape)
     g = rng.normal(size=shape)
-    x_hat, cache = N.standardize_forward(x, axes)
-    dx = N.standardize_backward(g, cache)
-    num = numerical_gradient(lambda t: N.standardize_forward(t, axes)[0], x, g)
+    x_hat, cache = NP.standardize_forward(x, axes)
+    dx = NP.standardize_backward(g, cache)
+    num = numerical_gradient(lambda t: NP.standardize_forward(t, axes)[0], x, g)
     np.testing.assert_allclose(dx, num, atol=1e-6)
     # property: x̂ has zero mean over the axes, and the gradient is orthogonal to 1 and to x̂
     np.testing.assert_allclose(x_hat.mean(axis=axes), 0, atol=1e-12)
@@ -350,8 +353,8 @@ def test_numpy_layer_group_instance_match_torch():
     xt = torch.tensor(x, requires_grad=True)
     wt, bt = torch.tensor(w, requires_grad=True), torch.tensor(b, requires_grad=True)
     for groups in (1, 3, 6):
-        y, cache = N.group_norm_forward(x, groups, w, b)
-        dx, dw, db = N.group_norm_backward(g, cache)
+        y, cache = NP.group_norm_forward(x, groups, w, b)
+        dx, dw, db = NP.group_norm_backward(g, cache)
         for t in (xt, wt, bt):
             t.grad = None
         yt = torch.nn.functional.group_norm(xt, groups, wt, bt)
@@ -360,12 +363,12 @@ def test_numpy_layer_group_instance_match_torch():
         np.testing.assert_allclose(dx, xt.grad.numpy(), atol=TOL)
         np.testing.assert_allclose(dw, wt.grad.numpy(), atol=TOL)
         np.testing.assert_allclose(db, bt.grad.numpy(), atol=TOL)
-    y_in, _ = N.instance_norm_forward(x, w, b)
-    np.testing.assert_allclose(y_in, N.group_norm_forward(x, 6, w, b)[0], atol=TOL)
+    y_in, _ = NP.instance_norm_forward(x, w, b)
+    np.testing.assert_allclose(y_in, NP.group_norm_forward(x, 6, w, b)[0], atol=TOL)
     # layer norm with an elementwise affine
     wl, bl = rng.normal(size=(6, 4, 4)), rng.normal(size=(6, 4, 4))
-    y, cache = N.layer_norm_forward(x, (6, 4, 4), wl, bl)
-    dx, dwl, dbl = N.layer_norm_backward(g, cache)
+    y, cache = NP.layer_norm_forward(x, (6, 4, 4), wl, bl)
+    dx, dwl, dbl = NP.layer_norm_backward(g, cache)
     xt.grad = None
     wlt, blt = torch.tensor(wl, requires_grad=True), torch.tensor(bl, requires_grad=True)
     yt = torch.nn.functional.layer_norm(xt, (6, 4, 4), wlt, blt)
@@ -388,11 +391,11 @@ def test_numpy_weight_norm_matches_torch(dim):
     with torch.no_grad():
         gp.copy_(torch.tensor(rng.normal(size=tuple(gp.shape))))
     g = gp.detach().numpy()
-    w, cache = N.weight_norm_forward(v, g, dim=dim)
+    w, cache = NP.weight_norm_forward(v, g, dim=dim)
     np.testing.assert_allclose(w, conv.weight.detach().numpy(), atol=TOL)
     dw = rng.normal(size=v.shape)
     (conv.weight * torch.tensor(dw)).sum().backward()
-    dv, dg = N.weight_norm_backward(dw, cache)
+    dv, dg = NP.weight_norm_backward(dw, cache)
     np.testing.assert_allclose(dv, conv.parametrizations.weight.original1.grad.numpy(), atol=TOL)
     np.testing.assert_allclose(dg, gp.grad.numpy(), atol=TOL)
     if dim == 0:  # the gradient of v is orthogonal to v, row by row
@@ -410,10 +413,10 @@ def test_torch_standardize_gradcheck():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", N.FAMILY_METHODS)
+@pytest.mark.parametrize("method", models.FAMILY_METHODS)
 def test_family_cnn_networks_are_independent(method):
     torch.manual_seed(0)
-    net = N.family_cnn(method, seeds=2, batch_size=4, steps=10).double()
+    net = models.family_cnn(method, seeds=2, batch_size=4, steps=10).double()
     x = torch.randn(4, 2, 14, 14, dtype=F64)
     x2 = x.clone()
     x2[:, 1] = torch.randn(4, 14, 14, dtype=F64) * 3
@@ -423,7 +426,7 @@ def test_family_cnn_networks_are_independent(method):
     grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     net.zero_grad()
     torch.manual_seed(0)
-    net2 = N.family_cnn(method, seeds=2, batch_size=4, steps=10).double()
+    net2 = models.family_cnn(method, seeds=2, batch_size=4, steps=10).double()
     y2 = net2(x2)
     torch.testing.assert_close(y2[:, 0], y[:, 0], atol=1e-12, rtol=0)  # network 0 ignores network 1
     assert (y2[:, 1] - y[:, 1]).abs().max() > 1e-3
@@ -437,7 +440,7 @@ def test_train_family_returns_one_accuracy_per_seed():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(64, 1, 14, 14, generator=gen)
     y = torch.randint(0, 10, (64,), generator=gen)
-    acc = N.train_family("group", 8, x, y, x[:20], y[:20], seeds=(0, 1), steps=3)
+    acc = train.train_family("group", 8, x, y, x[:20], y[:20], seeds=(0, 1), steps=3)
     assert acc.shape == (2,) and ((0 <= acc) & (acc <= 1)).all()
 
 
@@ -453,29 +456,27 @@ def test_errors():
         N.LayerNorm(5)(torch.randn(2, 4))
     with pytest.raises(ValueError, match="spatial element"):
         N.InstanceNorm2d(3)(torch.randn(2, 3, 1, 1))
-    with pytest.raises(ValueError, match="num_features"):
+    with pytest.raises(ValueError, match="weight should contain 4 elements not 3"):
         N.InstanceNorm2d(3, affine=True)(torch.randn(2, 4, 5, 5))
     with pytest.raises(ValueError, match="more than 1 value"):
-        N.BatchRenorm2d(3)(torch.randn(1, 3, 1, 1))
-    with pytest.raises(RuntimeError, match="num_features"):
-        N.BatchRenorm2d(3)(torch.randn(2, 4, 2, 2))
+        SB.BatchRenorm2d(3)(torch.randn(1, 3, 1, 1))
+    with pytest.raises(RuntimeError, match="running_mean should contain 4 elements not 3"):
+        SB.BatchRenorm2d(3)(torch.randn(2, 4, 2, 2))
     with pytest.raises(ValueError, match="batch_size"):
-        N.BatchLayerNorm(3, batch_size=0)
+        SB.BatchLayerNorm(3, batch_size=0)
     with pytest.raises(ValueError, match="alpha"):
-        N.FullNormSketch(3, alpha=0.0)
-    with pytest.raises(ValueError, match="method"):
-        N.family_cnn("dropout")
+        SB.FullNormSketch(3, alpha=0.0)
     with pytest.raises(TypeError, match="floating"):
-        N.standardize_forward(np.arange(6).reshape(2, 3), 0)
+        NP.standardize_forward(np.arange(6).reshape(2, 3), 0)
     with pytest.raises(ValueError, match="repeat"):
-        N.standardize_forward(np.ones((2, 3)), (0, 0))
+        NP.standardize_forward(np.ones((2, 3)), (0, 0))
     with pytest.raises(ValueError, match="num_groups"):
-        N.group_norm_forward(np.ones((2, 6, 2)), 4)
+        NP.group_norm_forward(np.ones((2, 6, 2)), 4)
     with pytest.raises(ValueError, match="g must have shape"):
-        N.weight_norm_forward(np.ones((3, 2)), np.ones((3,)))
+        NP.weight_norm_forward(np.ones((3, 2)), np.ones((3,)))
     with pytest.raises(ValueError, match="dy must have"):
-        _, cache = N.group_norm_forward(np.ones((2, 6, 2)) + np.arange(2)[:, None, None], 3)
-        N.group_norm_backward(np.ones((2, 6)), cache)
+        _, cache = NP.group_norm_forward(np.ones((2, 6, 2)) + np.arange(2)[:, None, None], 3)
+        NP.group_norm_backward(np.ones((2, 6)), cache)
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,8 +541,8 @@ def test_numpy_rms_norm_matches_torch_and_numerical_gradient():
     x = rng.normal(1.0, 2.0, size=(3, 4, 6))
     w = rng.normal(size=6)
     g = rng.normal(size=x.shape)
-    y, cache = N.rms_norm_forward(x, 6, w, eps=1e-5)
-    dx, dw = N.rms_norm_backward(g, cache)
+    y, cache = NP.rms_norm_forward(x, 6, w, eps=1e-5)
+    dx, dw = NP.rms_norm_backward(g, cache)
     xt = torch.tensor(x, requires_grad=True)
     wt = torch.tensor(w, requires_grad=True)
     yt = torch.nn.functional.rms_norm(xt, (6,), wt, 1e-5)
@@ -549,9 +550,9 @@ def test_numpy_rms_norm_matches_torch_and_numerical_gradient():
     np.testing.assert_allclose(y, yt.detach().numpy(), atol=TOL, rtol=0)
     np.testing.assert_allclose(dx, xt.grad.numpy(), atol=TOL, rtol=0)
     np.testing.assert_allclose(dw, wt.grad.numpy(), atol=TOL, rtol=0)
-    num = numerical_gradient(lambda t: N.rms_norm_forward(t, 6, w, eps=1e-5)[0], x, g)
+    num = numerical_gradient(lambda t: NP.rms_norm_forward(t, 6, w, eps=1e-5)[0], x, g)
     np.testing.assert_allclose(dx, num, atol=1e-7, rtol=0)
-    dx0, dw0 = N.rms_norm_backward(g, N.rms_norm_forward(x, (4, 6), eps=1e-5)[1])
+    dx0, dw0 = NP.rms_norm_backward(g, NP.rms_norm_forward(x, (4, 6), eps=1e-5)[1])
     assert dw0 is None and dx0.shape == x.shape
 
 
@@ -562,10 +563,10 @@ def test_rms_backward_is_layer_norms_without_the_mean_term():
     x = rng.normal(size=(5, 8))
     x -= x.mean(axis=1, keepdims=True)
     d = rng.normal(size=x.shape)
-    _, rms_cache = N.rms_norm_forward(x, 8, eps=1e-5)
-    _, ln_cache = N.layer_norm_forward(x, 8, eps=1e-5)
-    dx_rms, _ = N.rms_norm_backward(d, rms_cache)
-    dx_ln, _, _ = N.layer_norm_backward(d, ln_cache)
+    _, rms_cache = NP.rms_norm_forward(x, 8, eps=1e-5)
+    _, ln_cache = NP.layer_norm_forward(x, 8, eps=1e-5)
+    dx_rms, _ = NP.rms_norm_backward(d, rms_cache)
+    dx_ln, _, _ = NP.layer_norm_backward(d, ln_cache)
     np.testing.assert_allclose(dx_ln, dx_rms - rms_cache.inv_rms * d.mean(axis=1, keepdims=True))
     assert np.abs(d.mean(axis=1)).min() > 1e-3  # the term is not trivially zero
 
@@ -579,8 +580,8 @@ def test_rms_backward_is_layer_norms_without_the_mean_term():
 def test_rms_norm_is_invariant_to_positive_rescaling(scale, seed, d):
     x = np.random.default_rng(seed).normal(size=(3, d))
     eps = 1e-10
-    y1, c1 = N.rms_norm_forward(x, d, eps=eps)
-    y2, _ = N.rms_norm_forward(scale * x, d, eps=eps)
+    y1, c1 = NP.rms_norm_forward(x, d, eps=eps)
+    y2, _ = NP.rms_norm_forward(scale * x, d, eps=eps)
     # eps breaks the invariance by at most eps / mean(x²) relative, for the smaller input
     ms = np.minimum(1.0, scale**2) / c1.inv_rms.max() ** 2
     np.testing.assert_allclose(y1, y2, rtol=10 * eps / ms + 1e-12, atol=1e-12)
@@ -596,10 +597,48 @@ def test_rms_norm_errors():
     with pytest.raises(TypeError, match="floating"):
         N.RMSNorm(4)(torch.arange(8).reshape(2, 4))
     with pytest.raises(TypeError, match="floating"):
-        N.rms_norm_forward(np.arange(6).reshape(2, 3), 3)
+        NP.rms_norm_forward(np.arange(6).reshape(2, 3), 3)
     with pytest.raises(ValueError, match="normalized_shape"):
-        N.rms_norm_forward(np.ones((2, 3)), 4)
+        NP.rms_norm_forward(np.ones((2, 3)), 4)
     with pytest.raises(ValueError, match="weight must have shape"):
-        N.rms_norm_forward(np.ones((2, 3)), 3, np.ones(4))
+        NP.rms_norm_forward(np.ones((2, 3)), 3, np.ones(4))
     with pytest.raises(ValueError, match="dy must have"):
-        N.rms_norm_backward(np.ones((2, 4)), N.rms_norm_forward(np.ones((2, 3)), 3)[1])
+        NP.rms_norm_backward(np.ones((2, 4)), NP.rms_norm_forward(np.ones((2, 3)), 3)[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Empty batches and channels-last input, as torch.nn handles them
+# --------------------------------------------------------------------------------------------
+
+EDGE_MODULES = {
+    "LayerNorm": lambda: N.LayerNorm((4, 5, 5)),
+    "RMSNorm": lambda: N.RMSNorm((4, 5, 5)),
+    "GroupNorm": lambda: N.GroupNorm(2, 4),
+    "InstanceNorm2d": lambda: N.InstanceNorm2d(4, affine=True),
+    "InstanceNorm2d-running": lambda: N.InstanceNorm2d(4, affine=True, track_running_stats=True),
+}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", EDGE_MODULES)
+def test_empty_batch_gives_empty_output_and_keeps_running_stats(name, training):
+    layer = EDGE_MODULES[name]().train(training)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(0, 4, 5, 5, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for key, value in layer.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", EDGE_MODULES)
+def test_channels_last_is_preserved(name, training):
+    layer = EDGE_MODULES[name]().train(training)
+    x = torch.randn(3, 4, 5, 5)
+    x_cl = x.to(memory_format=torch.channels_last)
+    y = layer(x_cl)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, EDGE_MODULES[name]().train(training)(x))
