@@ -1,17 +1,14 @@
-"""Looking inside a network: activations per layer, their percentiles over training, and what whitening costs.
+"""Looking inside a network: the activations each layer receives, and their percentiles over training.
 
-Chapter ``ch-why`` asks three questions of a network, and this module answers them:
+Chapter ``ch-why`` asks two questions of a network's activations, and this module answers them:
 
 * **How big are the activations in each layer?** :func:`module_inputs` runs a model on a batch and
-  returns the input of chosen modules (e.g. of every activation function); :func:`init_scaled_`
-  draws weights with a chosen gain, so the growth or decay of the scale with depth can be measured.
+  returns the input of chosen modules (e.g. of every activation function), optionally with batch
+  norm using the batch's own statistics (as in training) without changing the model.
 * **How does one unit's input distribution move during training?** :class:`PercentileRecorder`, a
   callback for :func:`bnbook.train.train_classifier`, records chosen percentiles of a module's input
   on a fixed batch at every evaluation point (the experiment behind Figure 1 of Ioffe and Szegedy,
   2015); :func:`percentile_drift` says how far they moved.
-* **Why not whiten every layer instead?** :func:`whitening_flops` and :func:`batch_norm_flops` count
-  the floating-point operations of full (ZCA) whitening and of per-feature batch normalisation of an
-  ``(m, d)`` mini-batch; :func:`zca_whiten` is the differentiable whitening itself, for timing it.
 
 >>> import torch
 >>> from bnbook.models import mlp
@@ -22,39 +19,33 @@ Chapter ``ch-why`` asks three questions of a network, and this module answers th
 [torch.Size([64, 100]), torch.Size([64, 100])]
 >>> input_percentiles(net, net[3], x).shape                       # (15th, 50th, 85th) x 100 units
 (3, 100)
->>> whitening_flops(60, 100).total > 100 * batch_norm_flops(60, 100).total
-True
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from bnbook.fusion import is_batch_norm
+from bnbook.stacked import StackedBatchNorm
 
 __all__ = [
     "module_inputs",
     "input_percentiles",
     "PercentileRecorder",
     "percentile_drift",
-    "init_scaled_",
-    "FlopCount",
-    "whitening_flops",
-    "batch_norm_flops",
-    "zca_whiten",
 ]
 
 ModuleSelector = int | nn.Module | Callable[[nn.Module], nn.Module]
 
 
-def _is_running_stats_norm(module: nn.Module) -> bool:
-    """A normalisation layer that keeps running statistics (torch's or bnbook's batch norm)."""
-    return isinstance(getattr(module, "running_mean", None), Tensor) and hasattr(module, "momentum")
+def _keeps_running_stats(module: nn.Module) -> bool:
+    """A batch norm, by type: :func:`bnbook.fusion.is_batch_norm`, or S stacked ones."""
+    return is_batch_norm(module) or isinstance(module, StackedBatchNorm)
 
 
 @contextmanager
@@ -65,7 +56,7 @@ def _batch_statistics(model: nn.Module, enabled: bool):
     do during training); their running statistics are saved before and restored after, so looking
     does not change the model. Every other module keeps its mode (dropout stays off in eval mode).
     """
-    norms = [m for m in model.modules() if _is_running_stats_norm(m)] if enabled else []
+    norms = [m for m in model.modules() if _keeps_running_stats(m)] if enabled else []
     saved = [
         (m, m.training, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in norms
     ]
@@ -315,155 +306,3 @@ def percentile_drift(percentiles: np.ndarray, start: int = 0, stop: int = -1) ->
             f"got {p.shape}"
         )
     return np.abs(p[stop] - p[start]).mean(axis=0)
-
-
-@torch.no_grad()
-def init_scaled_(model: nn.Module, gain: float, *, bias: float = 0.0) -> nn.Module:
-    """Draw every ``nn.Linear`` weight from N(0, gain² / fan_in), in place; biases set to ``bias``.
-
-    ``gain = 1`` keeps the variance of a linear layer's output equal to the mean square of its input;
-    ``gain = sqrt(2)`` is He et al.'s choice for ReLU networks; chapter ``ch-why`` derives both.
-
-    Parameters
-    ----------
-    model : nn.Module
-    gain : float
-        Non-negative.
-    bias : float
-        Value of every bias.
-
-    Returns
-    -------
-    nn.Module
-        ``model``, for chaining.
-    """
-    if not (math.isfinite(gain) and gain >= 0):
-        raise ValueError(f"gain must be a finite number >= 0, got {gain!r}")
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, gain / math.sqrt(module.in_features))
-            if module.bias is not None:
-                module.bias.fill_(bias)
-    return model
-
-
-class FlopCount(NamedTuple):
-    """Floating-point operations (a multiply-add counts as 2) of one normalisation, by stage."""
-
-    statistics: int  #: mean and (co)variance of the mini-batch
-    factorisation: int  #: turning the (co)variance into the normalising matrix / scale
-    apply: int  #: normalising the m × d mini-batch (and γ, β for batch norm)
-
-    @property
-    def total(self) -> int:
-        return self.statistics + self.factorisation + self.apply
-
-
-def _check_md(m: int, d: int) -> None:
-    for name, v in (("m", m), ("d", d)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-
-
-def whitening_flops(m: int, d: int) -> FlopCount:
-    """Operations to ZCA-whiten an (m, d) mini-batch: ``(x − μ) Σ^{-1/2}``.
-
-    Counted as: mean ``m·d`` additions; covariance ``(x − μ)ᵀ(x − μ)``, ``m·d`` subtractions then
-    ``m·d²`` multiply-adds (both triangles, as a GEMM computes them); symmetric eigendecomposition
-    with eigenvectors ≈ ``9 d³`` (the standard estimate for the symmetric QR algorithm; Golub and
-    Van Loan, *Matrix Computations*, 4th ed., Sec. 8.3); ``Σ^{-1/2} = U diag(λ^{-1/2}) Uᵀ``,
-    ``d³`` multiply-adds (+ ``2d`` for the square roots); applying it, ``m·d²`` multiply-adds.
-
-    Parameters
-    ----------
-    m, d : int
-        Mini-batch size and number of features.
-
-    Returns
-    -------
-    FlopCount
-        ``statistics = m·d + m·d + 2·m·d²``, ``factorisation = 9·d³ + 2·d³ + 2·d``,
-        ``apply = 2·m·d²``.
-
-    Examples
-    --------
-    >>> whitening_flops(60, 100)
-    FlopCount(statistics=1212000, factorisation=11000200, apply=1200000)
-    """
-    _check_md(m, d)
-    m, d = int(m), int(d)
-    return FlopCount(
-        statistics=2 * m * d + 2 * m * d * d,
-        factorisation=9 * d**3 + 2 * d**3 + 2 * d,
-        apply=2 * m * d * d,
-    )
-
-
-def batch_norm_flops(m: int, d: int) -> FlopCount:
-    """Operations of batch normalisation, equations (1)–(4), of an (m, d) mini-batch.
-
-    Counted as: mean ``m·d``; variance, ``m·d`` subtractions and ``m·d`` multiply-adds;
-    per-feature scale ``γ/sqrt(σ² + ε)``, ``3·d``; applying ``(x − μ)·scale + β``, ``3·m·d``.
-
-    Parameters
-    ----------
-    m, d : int
-        Mini-batch size and number of features.
-
-    Returns
-    -------
-    FlopCount
-        ``statistics = 4·m·d``, ``factorisation = 3·d``, ``apply = 3·m·d``.
-
-    Examples
-    --------
-    >>> batch_norm_flops(60, 100)
-    FlopCount(statistics=24000, factorisation=300, apply=18000)
-    """
-    _check_md(m, d)
-    m, d = int(m), int(d)
-    return FlopCount(statistics=4 * m * d, factorisation=3 * d, apply=3 * m * d)
-
-
-def zca_whiten(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """ZCA-whiten a mini-batch: ``(x − μ) (Σ + εI)^{-1/2}``, differentiable (through ``eigh``).
-
-    The output's covariance (with the biased 1/m convention of equation (2)) is the identity when
-    ``m > d`` and ε → 0. With ``m ≤ d`` the sample covariance has rank at most ``m − 1`` and only ε
-    keeps the inverse square root finite.
-
-    Parameters
-    ----------
-    x : Tensor, shape (m, d)
-        Floating point; m ≥ 2.
-    eps : float
-        Added to the covariance's diagonal; > 0.
-
-    Returns
-    -------
-    Tensor, shape (m, d)
-
-    Raises
-    ------
-    ValueError
-        ``x`` not 2-D, fewer than 2 rows, or ``eps <= 0``.
-
-    Examples
-    --------
-    >>> x = torch.randn(500, 3, dtype=torch.float64) @ torch.tensor([[2.0, 1, 0], [0, 1, 0], [0, 0, 3]],
-    ...                                                            dtype=torch.float64)
-    >>> w = zca_whiten(x, eps=1e-12)
-    >>> w.shape, torch.allclose(w.T @ w / 500, torch.eye(3, dtype=torch.float64), atol=1e-8)
-    (torch.Size([500, 3]), True)
-    """
-    if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[0] < 2:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must be a tensor of shape (m, d) with m >= 2, got {shape}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive number, got {eps!r}")
-    centred = x - x.mean(dim=0)
-    cov = centred.T @ centred / x.shape[0]
-    cov = cov + eps * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    eigvals, eigvecs = torch.linalg.eigh(cov)
-    inv_sqrt = (eigvecs * eigvals.rsqrt()) @ eigvecs.T
-    return centred @ inv_sqrt

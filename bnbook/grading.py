@@ -402,14 +402,14 @@ def check_standardize(fn: Callable, *, seed: int = 0) -> None:
 
     The statistics are taken over ``axes`` (ch-family): batch norm (0, 2, 3), layer norm (1, 2, 3),
     instance norm (2, 3), and group norm after a reshape to (N, G, C/G·H·W) with axes 2. Checked
-    against :func:`bnbook.norms.standardize_forward` on (N, C, H, W) arrays, including N = 1.
+    against :func:`bnbook.norms_numpy.standardize_forward` on (N, C, H, W) arrays, including N = 1.
 
     Raises
     ------
     GradingError
         With the most likely mistake (unbiased variance, statistics not broadcast back, ε outside).
     """
-    from bnbook.norms import standardize_forward
+    from bnbook.norms_numpy import standardize_forward
 
     name = "check_standardize"
     rng = _rng(seed + 4)

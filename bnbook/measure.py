@@ -1,17 +1,18 @@
-"""Instruments of chapter ``ch-why-it-works``: internal covariate shift and smoothness, measured.
+"""The chapters' instruments: what a network or a training run is measured by.
 
-Two measurements of :cite:t:`santurkar2018how`, taken at the current weights of a network on one
-mini-batch, without disturbing the network (each works on copies, so parameters, gradients and
-running statistics are left as they were):
+* :func:`internal_covariate_shift` (equation ``eq-why-ics``) and :func:`smoothness` (equation
+  ``eq-why-smoothness``), two measurements of :cite:t:`santurkar2018how` taken at the current
+  weights of a network on one mini-batch, without disturbing the network (each works on copies,
+  so parameters, gradients and running statistics are left as they were): how much a layer's
+  gradient changes when only the layers *below* it take their SGD step (a relative ℓ2 distance
+  and a cosine), and, along the step direction ``-g``, the range of the loss, the largest change
+  of the gradient, and that change divided by the step length (a lower bound on the smoothness
+  constant K, the "effective β-smoothness" of the paper);
+* :func:`precise_bn`: population statistics re-estimated at the current weights (chapters
+  ``ch-inference`` and ``ch-challenges``);
+* :func:`steps_to_target` and :func:`largest_trainable`: summaries of a sweep of runs.
 
-* :func:`internal_covariate_shift` (equation ``eq-why-ics``): how much the gradient of a layer
-  changes when only the layers *below* it take their SGD step, as a relative ℓ2 distance and a
-  cosine;
-* :func:`smoothness` (equation ``eq-why-smoothness``): along the step direction ``-g``, the range of
-  the loss, the largest change of the gradient, and that change divided by the step length, a lower
-  bound on the smoothness constant K of the gradient (the "effective β-smoothness" of the paper).
-
-Both take an ordinary ``nn.Sequential`` or the stacked networks of :func:`bnbook.experiments.stacked_mlp`
+Both take an ordinary ``nn.Sequential`` or the stacked networks of :func:`bnbook.stacked.stacked_mlp`
 (``S`` independent networks in one): a loss that returns one value per network, shape ``(S,)``,
 makes every result per network. The layer's mode is used as it is (training mode: batch statistics).
 
@@ -38,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bnbook.fusion import is_batch_norm
+
 __all__ = [
     "ETAS",
     "per_model_cross_entropy",
@@ -46,6 +49,8 @@ __all__ = [
     "internal_covariate_shift",
     "smoothness",
     "precise_bn",
+    "steps_to_target",
+    "largest_trainable",
 ]
 
 #: Step sizes along ``-g`` at which :func:`smoothness` evaluates the loss and the gradient: eight
@@ -120,13 +125,13 @@ def loss_and_gradients(
 def weighted_layers(model: nn.Sequential) -> list[int]:
     """Indices of the layers of ``model`` that hold a weight matrix or kernel.
 
-    These are ``nn.Linear``, the convolutions and :class:`bnbook.experiments.StackedLinear`;
+    These are ``nn.Linear``, the convolutions and :class:`bnbook.stacked.StackedLinear`;
     normalisation layers (whose ``weight`` is γ) and activations are not counted.
 
     >>> weighted_layers(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)))
     [0, 3]
     """
-    from bnbook.experiments import StackedLinear
+    from bnbook.stacked import StackedLinear  # noqa: PLC0415 (stacked → models → …)
 
     kinds = (nn.Linear, nn.modules.conv._ConvNd, StackedLinear)
     return [k for k, m in enumerate(model) if isinstance(m, kinds)]
@@ -348,15 +353,6 @@ def smoothness(
     return _to_numpy(out, stacked=value.dim() == 1)
 
 
-def _has_running_stats(module: nn.Module) -> bool:
-    """A batch-norm layer whose evaluation uses running statistics (torch's or the package's)."""
-    from bnbook.torch import _NormBase  # noqa: PLC0415 (bnbook.torch imports nothing from here)
-
-    return isinstance(module, (_NormBase, nn.modules.batchnorm._BatchNorm)) and (
-        module.running_mean is not None
-    )
-
-
 @torch.no_grad()
 def precise_bn(model: nn.Module, x: Tensor, batch_size: int | None = None) -> nn.Module:
     """A copy of ``model`` whose running statistics are recomputed at its current weights.
@@ -404,10 +400,58 @@ def precise_bn(model: nn.Module, x: Tensor, batch_size: int | None = None) -> nn
     step = n if batch_size is None else batch_size
     model = copy.deepcopy(model)
     for layer in model.modules():
-        if _has_running_stats(layer):
+        if is_batch_norm(layer):
             layer.reset_running_stats()
             layer.momentum = None  # cumulative average: every batch counts equally
     model.train()
     for start in range(0, n - step + 1, step):
         model(x[start : start + step])
     return model.eval()
+
+
+def steps_to_target(steps: np.ndarray, acc: np.ndarray, target: float) -> np.ndarray:
+    """The first evaluation step at which accuracy reaches ``target`` (``inf`` if never).
+
+    Parameters
+    ----------
+    steps : ndarray (T,)
+    acc : ndarray (..., T)
+
+    Returns
+    -------
+    ndarray (...,) of float
+
+    Examples
+    --------
+    >>> steps_to_target(np.array([0, 10, 20]), np.array([[0.1, 0.5, 0.9], [0.1, 0.2, 0.3]]), 0.5)
+    array([10., inf])
+    """
+    acc = np.asarray(acc)
+    reached = acc >= target
+    first = np.argmax(reached, axis=-1)
+    out = np.asarray(steps, dtype=np.float64)[first]
+    return np.where(reached.any(axis=-1), out, np.inf)
+
+
+def largest_trainable(values: Sequence[float], trains: np.ndarray) -> float:
+    """The largest value (e.g. a learning rate) at which ``trains`` holds for every seed.
+
+    Parameters
+    ----------
+    values : sequence (V,)
+    trains : bool ndarray (V,) or (V, n_seeds)
+
+    Returns
+    -------
+    float
+        NaN if no value trains.
+
+    Examples
+    --------
+    >>> largest_trainable([0.1, 1.0, 10.0], np.array([[True, True], [True, False], [False, False]]))
+    0.1
+    """
+    trains = np.asarray(trains, dtype=bool)
+    ok = trains.reshape(len(trains), -1).all(axis=1)
+    good = np.asarray(values, dtype=np.float64)[ok]
+    return float(good.max()) if good.size else float("nan")

@@ -13,7 +13,7 @@ Three ways to train a deep residual network, compared in the chapter on one smal
   (:func:`adaptive_grad_clip_`) during training. The papers write α for ρ and β for τ; in this
   book α is a moving average's momentum and β batch norm's shift.
 
-Like :mod:`bnbook.experiments`, every network here holds ``n_models`` independent copies with a
+Like :mod:`bnbook.stacked`, every network here holds ``n_models`` independent copies with a
 leading axis on every parameter, so several seeds (or learning rates) train as one.
 
 >>> import torch
@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnbook.experiments import StackedBatchNorm, StackedLinear, batch_indices
+from bnbook.stacked import StackedBatchNorm, StackedLinear
+from bnbook.train import History, train_stacked
 
 __all__ = [
     "VARIANTS",
@@ -43,7 +42,6 @@ __all__ = [
     "unitwise_norm",
     "adaptive_grad_clip_",
     "ResidualMLP",
-    "NormFreeRun",
     "train_residual",
 ]
 
@@ -333,38 +331,6 @@ class ResidualMLP(nn.Module):
         return self.head(F.relu(h))
 
 
-class NormFreeRun(NamedTuple):
-    """What :func:`train_residual` returns, one entry per model.
-
-    Attributes
-    ----------
-    train_loss : ndarray (S, steps)
-        Each step's mini-batch loss (training mode).
-    test_loss, test_acc : ndarray (S,)
-        After training, in evaluation mode.
-    diverged : ndarray (S,) of bool
-        The mini-batch loss became NaN or infinite.
-    """
-
-    train_loss: np.ndarray
-    test_loss: np.ndarray
-    test_acc: np.ndarray
-    diverged: np.ndarray
-
-
-@torch.no_grad()
-def _evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Loss and accuracy of each model on ``(x, y)`` in evaluation mode (mode restored)."""
-    was_training = model.training
-    model.eval()
-    logits = model(x)  # (S, M, K)
-    s, m, _ = logits.shape
-    loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(s), reduction="none").view(s, m)
-    acc = (logits.argmax(-1) == y).double().mean(1)
-    model.train(was_training)
-    return loss.mean(1).double().cpu().numpy(), acc.cpu().numpy()
-
-
 def train_residual(
     model: ResidualMLP,
     x_train: Tensor,
@@ -378,11 +344,11 @@ def train_residual(
     batch_size: int = 64,
     momentum: float = 0.9,
     clipping: float | None = None,
-) -> NormFreeRun:
+) -> History:
     """Train the ``S`` networks of ``model`` side by side with SGD and momentum.
 
-    Network ``s`` draws its mini-batches with :func:`bnbook.experiments.batch_indices` (seed
-    ``seeds[s]``) and uses learning rate ``lr[s]``. With ``clipping`` = λ, every gradient except
+    :func:`bnbook.train.train_stacked` with SGD and momentum: network ``s`` draws its mini-batches
+    with seed ``seeds[s]`` and uses learning rate ``lr[s]``. With ``clipping`` = λ, every gradient except
     the classifier's is clipped by :func:`adaptive_grad_clip_` before the step.
 
     Parameters
@@ -396,44 +362,33 @@ def train_residual(
 
     Returns
     -------
-    NormFreeRun
+    History
+        Evaluated on the test data before and after training (``final_acc``, ``final_loss``);
+        every step's mini-batch loss in ``batch_loss`` (S, steps).
 
     Raises
     ------
     ValueError
         ``lr`` or ``seeds`` of a length other than S.
     """
-    s = model.n_models
-    if len(seeds) != s:
-        raise ValueError(f"seeds must hold one seed per network (S = {s}), got {len(seeds)}")
-    lrs = torch.as_tensor(np.broadcast_to(np.asarray(lr, dtype=np.float64), (s,)).copy())
-    lrs = lrs.to(device=x_train.device, dtype=x_train.dtype)
-    idx = torch.from_numpy(batch_indices(len(x_train), batch_size, steps, seeds))
-    idx = idx.to(x_train.device)
-    params = list(model.parameters())
-    clipped = [p for n, p in model.named_parameters() if not n.startswith("head.")]
-    velocity = [torch.zeros_like(p) for p in params]
-    losses = np.empty((s, steps))
-    model.train()
-    for t in range(steps):
-        batch = idx[t]  # (S, B)
-        logits = model(x_train[batch])
-        loss = F.cross_entropy(logits.flatten(0, 1), y_train[batch].flatten(), reduction="none")
-        per_model = loss.view(s, batch_size).mean(1)
-        for p in params:
-            p.grad = None
-        per_model.sum().backward()
-        losses[:, t] = per_model.detach().cpu().numpy()
-        if clipping is not None:
+    clip = None
+    if clipping is not None:
+        clipped = [p for n, p in model.named_parameters() if not n.startswith("head.")]
+
+        def clip(_: nn.Module) -> None:
             adaptive_grad_clip_(clipped, clipping, stacked=True)
-        with torch.no_grad():
-            for p, v in zip(params, velocity, strict=True):
-                v.mul_(momentum).add_(p.grad)
-                p.sub_(v * lrs.view(s, *([1] * (p.dim() - 1))))
-    test_loss, test_acc = _evaluate(model, x_test, y_test)
-    return NormFreeRun(
-        train_loss=losses,
-        test_loss=test_loss,
-        test_acc=test_acc,
-        diverged=~np.isfinite(losses).all(axis=1),
+
+    return train_stacked(
+        model,
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        steps=steps,
+        lr=lr,
+        seeds=seeds,
+        batch_size=batch_size,
+        momentum=momentum,
+        diverge_loss=math.inf,
+        before_step=clip,
     )

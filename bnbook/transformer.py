@@ -13,7 +13,7 @@ features: nothing depends on the other tokens or on the batch.
 
 To make several seeds cheap on a CPU, :class:`TinyTransformer` holds ``n_models`` independent
 models at once: every parameter has a leading axis of that length and one batched product serves
-all of them (as :mod:`bnbook.experiments` does for MLPs). Model ``s`` is initialised from its own
+all of them (as :mod:`bnbook.stacked` does for MLPs). Model ``s`` is initialised from its own
 seed and draws its own data, so two models with the same seed and different learning-rate
 schedules start from the same weights and see the same batches: a paired comparison.
 
@@ -356,6 +356,41 @@ def _data_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def _sequence_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy over a batch of sequences, one value per model: (S,)."""
+    s, vocab = logits.shape[0], logits.shape[-1]
+    loss = F.cross_entropy(logits.reshape(-1, vocab), target.reshape(-1), reduction="none")
+    return loss.view(s, -1).mean(1)
+
+
+class _WarmupAdam:
+    """Adam (PyTorch's formula) with one peak learning rate and one linear warm-up per model."""
+
+    def __init__(self, params, lrs, warmups, betas, eps) -> None:
+        self.params, self.lrs, self.warmups = params, lrs, warmups
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.m1 = [torch.zeros_like(p) for p in params]
+        self.m2 = [torch.zeros_like(p) for p in params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        (b1, b2), t, s = self.betas, self.t, len(self.lrs)
+        factors = [warmup_factor(t, int(w)) for w in self.warmups]
+        p0 = self.params[0]
+        step_size = torch.tensor(self.lrs * np.asarray(factors), dtype=p0.dtype, device=p0.device)
+        c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+        for p, a, b in zip(self.params, self.m1, self.m2, strict=True):
+            a.lerp_(p.grad, 1 - b1)
+            b.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            update = (a / c1) / ((b / c2).sqrt_() + self.eps)
+            p.sub_(update * step_size.view(s, *([1] * (p.dim() - 1))))
+        self.t += 1
+
+
 def train_transformer(
     model: TinyTransformer,
     x_eval: Tensor,
@@ -399,6 +434,8 @@ def train_transformer(
     ValueError
         ``lr``, ``warmup`` or ``seeds`` of a length other than S.
     """
+    from bnbook.train import fit  # noqa: PLC0415 (bnbook.train does not import this module)
+
     s = model.n_models
     lrs = np.broadcast_to(np.asarray(lr, dtype=np.float64), (s,)).copy()
     warmups = np.broadcast_to(np.asarray(warmup, dtype=np.int64), (s,)).copy()
@@ -412,30 +449,10 @@ def train_transformer(
     ]
     xs = torch.stack([x.view(steps, batch_size, t_len) for x, _ in data], dim=1)  # (steps, S, B, T)
     ys = torch.stack([y.view(steps, batch_size, t_len) for _, y in data], dim=1)
-    params = list(model.parameters())
-    device = params[0].device  # the data are drawn on the CPU (reproducibly) and moved once
+    device = next(model.parameters()).device  # drawn on the CPU (reproducibly), moved once
     xs, ys = xs.to(device), ys.to(device)
-    m1 = [torch.zeros_like(p) for p in params]
-    m2 = [torch.zeros_like(p) for p in params]
-    losses = np.empty((s, steps))
-    model.train()
-    for t in range(steps):
-        logits = model(xs[t])
-        loss = F.cross_entropy(logits.reshape(-1, vocab), ys[t].reshape(-1), reduction="none")
-        per_model = loss.view(s, -1).mean(1)
-        for p in params:
-            p.grad = None
-        per_model.sum().backward()
-        losses[:, t] = per_model.detach().cpu().numpy()
-        factors = [warmup_factor(t, int(w)) for w in warmups]
-        step_size = torch.tensor(lrs * np.asarray(factors), dtype=params[0].dtype, device=device)
-        c1, c2 = 1 - betas[0] ** (t + 1), 1 - betas[1] ** (t + 1)
-        with torch.no_grad():
-            for p, a, b in zip(params, m1, m2, strict=True):
-                a.lerp_(p.grad, 1 - betas[0])
-                b.mul_(betas[1]).addcmul_(p.grad, p.grad, value=1 - betas[1])
-                update = (a / c1) / ((b / c2).sqrt_() + adam_eps)
-                p.sub_(update * step_size.view(s, *([1] * (p.dim() - 1))))
+    opt = _WarmupAdam(list(model.parameters()), lrs, warmups, betas, adam_eps)
+    history = fit(model, zip(xs, ys, strict=True), opt, steps=steps, loss=_sequence_loss)
     model.eval()
     with torch.no_grad():
         logits = model(x_eval)
@@ -444,7 +461,7 @@ def train_transformer(
         )
         right = logits.argmax(-1) == y_eval
     return TransformerRun(
-        train_loss=losses,
+        train_loss=history.batch_loss,
         eval_loss=ce.view(s, -1).mean(1).cpu().numpy().astype(np.float64),
         token_acc=right.double().mean((1, 2)).cpu().numpy(),
         seq_acc=right.all(-1).double().mean(1).cpu().numpy(),

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from bnbook.experiments import stacked_mlp, unstack
 from bnbook.measure import (
     ETAS,
     internal_covariate_shift,
+    largest_trainable,
     loss_and_gradients,
     per_model_cross_entropy,
     precise_bn,
     smoothness,
+    steps_to_target,
     weighted_layers,
 )
+from bnbook.stacked import stacked_mlp, unstack
 from bnbook.torch import BatchNorm1d
 
 D = torch.float64
@@ -215,3 +219,12 @@ def test_precise_bn_averages_batch_statistics_and_leaves_model_alone(bn):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="batch_size"):
         precise_bn(net, x, batch_size=1)
+
+
+def test_steps_to_target_and_largest_trainable():
+    steps = np.array([0, 5, 10])
+    acc = np.array([[[0.1, 0.8, 0.95]], [[0.1, 0.2, 0.3]]])
+    np.testing.assert_array_equal(steps_to_target(steps, acc, 0.9), [[10.0], [np.inf]])
+    np.testing.assert_array_equal(steps_to_target(steps, acc, 0.05), [[0.0], [0.0]])
+    assert largest_trainable([1, 2, 3], np.array([True, True, False])) == 2
+    assert math.isnan(largest_trainable([1, 2], np.array([[False, True], [True, False]])))

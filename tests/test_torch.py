@@ -397,7 +397,8 @@ def test_integer_input_is_rejected_not_cast():
     x = torch.randint(0, 5, (4, 3))
     with pytest.raises(NotImplementedError):  # torch's type
         nn.BatchNorm1d(3)(x)
-    with pytest.raises(NotImplementedError, match="floating-point"):  # issue 13: was TypeError only
+    # as torch: a NotImplementedError, not only a TypeError
+    with pytest.raises(NotImplementedError, match="floating-point"):
         bt.BatchNorm1d(3)(x)
     with pytest.raises(TypeError):  # and still a TypeError
         bt.BatchNorm1d(3).eval()(x)
@@ -408,7 +409,7 @@ def test_eval_mode_needs_running_statistics():
         bt.batch_norm(torch.randn(4, 3), None, None, training=False)
 
 
-# ---------------------------------------------------------------------------- issue 13: a true drop-in
+# ------------------------------------------------------------------------------ a true drop-in
 
 
 def _pair(cls_o, cls_t, *args, **kwargs):

@@ -1,10 +1,9 @@
-"""Tests of bnbook.experiments: stacked networks must behave exactly like separate ones."""
+"""bnbook.stacked: S networks as one, layer by layer."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,19 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from bnbook.experiments import (
+from bnbook.stacked import (
     Residual,
     StackedBatchNorm,
     StackedDropout,
+    StackedHead,
     StackedLinear,
     StackedNorm,
-    batch_indices,
-    evaluate_stacked,
-    largest_trainable,
     rescale_weights,
     stacked_mlp,
-    steps_to_target,
-    train_stacked,
     unstack,
 )
 from bnbook.torch import BatchNorm1d
@@ -33,13 +28,6 @@ from bnbook.torch import BatchNorm1d
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def toy_data(n=120, d=12, k=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    y = torch.randint(0, k, (n,), generator=g)
-    return x, y
 
 
 # --- StackedLinear -------------------------------------------------------------------------
@@ -341,110 +329,11 @@ def test_rescale_weights():
         rescale_weights(nn.Sequential(nn.Linear(2, 2)), [1.0])
 
 
-# --- training: stacked == separate ---------------------------------------------------------
-
-
-def _train_separately(net, x, y, idx, opt_factory, steps):
-    opt = opt_factory(net.parameters())
-    net.train()
-    for t in range(steps):
-        loss = F.cross_entropy(net(x[idx[t]]), y[idx[t]])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net
-
-
-@pytest.mark.parametrize(
-    "optimizer, kwargs, factory",
-    [
-        ("sgd", {"momentum": 0.9}, lambda lr: lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9)),
-        ("adam", {"adam_eps": 1e-7}, lambda lr: lambda p: torch.optim.Adam(p, lr=lr, eps=1e-7)),
-    ],
-)
-def test_stacked_training_equals_separate_training(optimizer, kwargs, factory):
-    x, y = toy_data()
-    lrs = [0.05, 0.01, 0.002] if optimizer == "sgd" else [1e-2, 3e-3, 1e-3]
-    seeds = [3, 4, 5]
-    net = stacked_mlp(3, (12, 8, 8, 4), norm="batch", residual=False)
-    copies = [unstack(net, s) for s in range(3)]
-    hist = train_stacked(
-        net, x, y, x, y, steps=15, lr=lrs, seeds=seeds, batch_size=20, optimizer=optimizer, **kwargs
-    )
-    idx = batch_indices(len(x), 20, 15, seeds)
-    net.eval()
-    out = net(x)
-    for s, single in enumerate(copies):
-        _train_separately(single, x, y, idx[:, s], factory(lrs[s]), 15)
-        single.eval()
-        torch.testing.assert_close(single(x), out[s], atol=2e-5, rtol=1e-4)
-    assert hist.eval_acc.shape == (3, 2) and not hist.diverged.any()
-
-
-def test_stacked_training_with_wrapped_bnbook_norm_equals_fast_path():
-    x, y = toy_data()
-    torch.manual_seed(1)
-    a = stacked_mlp(2, (12, 8, 4), norm="batch")
-    torch.manual_seed(1)
-    b = stacked_mlp(2, (12, 8, 4), norm=BatchNorm1d)
-    ha = train_stacked(a, x, y, x, y, steps=10, lr=0.1, seeds=[0, 1], batch_size=30)
-    hb = train_stacked(b, x, y, x, y, steps=10, lr=0.1, seeds=[0, 1], batch_size=30)
-    np.testing.assert_allclose(ha.eval_loss, hb.eval_loss, atol=1e-5)
-
-
-def test_history_records_and_divergence():
-    x, y = toy_data()
-    net = stacked_mlp(3, (12, 16, 4), init="he")
-    hist = train_stacked(
-        net, x, y, x, y, steps=20, lr=[0.01, 0.1, 1e4], seeds=[0, 1, 2], eval_every=5
-    )
-    np.testing.assert_array_equal(hist.steps, [0, 5, 10, 15, 20])
-    assert hist.train_loss.shape == hist.eval_loss.shape == hist.eval_acc.shape == (3, 5)
-    assert np.isnan(hist.train_loss[:, 0]).all() and np.isfinite(hist.train_loss[:2, 1:]).all()
-    np.testing.assert_array_equal(hist.diverged, [False, False, True])
-    assert hist.eval_loss[1, -1] < hist.eval_loss[1, 0]  # the sane network learns
-    assert net.training
-
-
-def test_train_stacked_errors():
-    x, y = toy_data()
-    net = stacked_mlp(2, (12, 4))
-    with pytest.raises(ValueError, match="seeds must have one entry per network"):
-        train_stacked(net, x, y, x, y, steps=1, lr=0.1, seeds=[0])
-    with pytest.raises(ValueError, match="lr must be a float or S = 2 floats"):
-        train_stacked(net, x, y, x, y, steps=1, lr=[0.1, 0.2, 0.3], seeds=[0, 1])
-    with pytest.raises(ValueError, match="optimizer must be"):
-        train_stacked(net, x, y, x, y, steps=1, lr=0.1, seeds=[0, 1], optimizer="rmsprop")
-
-
-def test_evaluate_stacked_restores_mode():
-    x, y = toy_data()
-    net = stacked_mlp(2, (12, 4), norm="batch")
-    net.train()
-    loss, acc = evaluate_stacked(net, x, y)
-    assert net.training and loss.shape == acc.shape == (2,)
-    manual = F.cross_entropy(net.eval()(x)[1], y).item()
-    assert loss[1] == pytest.approx(manual, rel=1e-6)
-
-
-# --- helpers -------------------------------------------------------------------------------
-
-
-def test_batch_indices_are_epoch_permutations():
-    idx = batch_indices(10, 3, 7, seeds=[0, 1])
-    assert idx.shape == (7, 2, 3)
-    first_epoch = idx[:3, 0].ravel()  # 3 full batches per epoch, one sample left out
-    assert len(set(first_epoch.tolist())) == 9
-    assert not np.array_equal(idx[:, 0], idx[:, 1])
-    np.testing.assert_array_equal(idx, batch_indices(10, 3, 7, seeds=[0, 1]))
-    with pytest.raises(ValueError, match="batch_size must be in"):
-        batch_indices(10, 11, 1, seeds=[0])
-
-
-def test_steps_to_target_and_largest_trainable():
-    steps = np.array([0, 5, 10])
-    acc = np.array([[[0.1, 0.8, 0.95]], [[0.1, 0.2, 0.3]]])
-    np.testing.assert_array_equal(steps_to_target(steps, acc, 0.9), [[10.0], [np.inf]])
-    np.testing.assert_array_equal(steps_to_target(steps, acc, 0.05), [[0.0], [0.0]])
-    assert largest_trainable([1, 2, 3], np.array([True, True, False])) == 2
-    assert math.isnan(largest_trainable([1, 2], np.array([[False, True], [True, False]])))
+def test_stacked_head_is_one_linear_per_network():
+    head = StackedHead(3, 5, 2)
+    x = torch.randn(4, 15)
+    out = head(x)
+    assert out.shape == (4, 3, 2)
+    for s in range(3):
+        expected = x[:, 5 * s : 5 * (s + 1)] @ head.weight[s] + head.bias[s]
+        torch.testing.assert_close(out[:, s], expected)
