@@ -25,7 +25,7 @@ torch.Size([2, 5, 10])
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -332,33 +332,14 @@ class ResidualMLP(nn.Module):
 
 
 def train_residual(
-    model: ResidualMLP,
-    x_train: Tensor,
-    y_train: Tensor,
-    x_test: Tensor,
-    y_test: Tensor,
-    *,
-    steps: int,
-    lr: float | Sequence[float],
-    seeds: Sequence[int],
-    batch_size: int = 64,
-    momentum: float = 0.9,
-    clipping: float | None = None,
+    model: ResidualMLP, *data: Tensor, clipping: float | None = None, **options
 ) -> History:
     """Train the ``S`` networks of ``model`` side by side with SGD and momentum.
 
-    :func:`bnbook.train.train_stacked` with SGD and momentum: network ``s`` draws its mini-batches
-    with seed ``seeds[s]`` and uses learning rate ``lr[s]``. With ``clipping`` = λ, every gradient except
-    the classifier's is clipped by :func:`adaptive_grad_clip_` before the step.
-
-    Parameters
-    ----------
-    x_train, x_test : Tensor (n, d); y_train, y_test : Tensor (n,)
-    steps, batch_size : int
-    lr : float or sequence of S floats
-    seeds : sequence of S ints
-    momentum : float
-    clipping : float or None
+    :func:`bnbook.train.train_stacked` (``data`` is its ``x_train, y_train, x_test, y_test``,
+    ``options`` its keywords: ``steps``, ``lr``, ``seeds``, ``batch_size``, ``momentum``, …), with
+    a diverging loss left to run on (it is recorded, not stopped), and with ``clipping`` = λ every
+    gradient except the classifier's clipped by :func:`adaptive_grad_clip_` before the step.
 
     Returns
     -------
@@ -369,7 +350,7 @@ def train_residual(
     Raises
     ------
     ValueError
-        ``lr`` or ``seeds`` of a length other than S.
+        ``lr`` or ``seeds`` of a length other than S (from :func:`bnbook.train.train_stacked`).
     """
     clip = None
     if clipping is not None:
@@ -378,17 +359,6 @@ def train_residual(
         def clip(_: nn.Module) -> None:
             adaptive_grad_clip_(clipped, clipping, stacked=True)
 
-    return train_stacked(
-        model,
-        x_train,
-        y_train,
-        x_test,
-        y_test,
-        steps=steps,
-        lr=lr,
-        seeds=seeds,
-        batch_size=batch_size,
-        momentum=momentum,
-        diverge_loss=math.inf,
-        before_step=clip,
-    )
+    options.setdefault("momentum", 0.9)
+    options.setdefault("batch_size", 64)
+    return train_stacked(model, *data, diverge_loss=math.inf, before_step=clip, **options)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bnbook._checks import check_positive_int
+
 __all__ = ["FlopCount", "whitening_flops", "batch_norm_flops", "zca_whiten"]
 
 
@@ -33,10 +35,12 @@ class FlopCount(NamedTuple):
         return self.statistics + self.factorisation + self.apply
 
 
-def _check_md(m: int, d: int) -> None:
-    for name, v in (("m", m), ("d", d)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+def _sizes(m: int, d: int) -> tuple[int, int]:
+    """(m, d) as Python ints (NumPy integers accepted), each checked to be at least 1."""
+    m, d = (int(v) if isinstance(v, np.integer) else v for v in (m, d))
+    check_positive_int("m", m)
+    check_positive_int("d", d)
+    return m, d
 
 
 def whitening_flops(m: int, d: int) -> FlopCount:
@@ -64,8 +68,7 @@ def whitening_flops(m: int, d: int) -> FlopCount:
     >>> whitening_flops(60, 100)
     FlopCount(statistics=1212000, factorisation=11000200, apply=1200000)
     """
-    _check_md(m, d)
-    m, d = int(m), int(d)
+    m, d = _sizes(m, d)
     return FlopCount(
         statistics=2 * m * d + 2 * m * d * d,
         factorisation=9 * d**3 + 2 * d**3 + 2 * d,
@@ -87,8 +90,7 @@ def batch_norm_flops(m: int, d: int) -> FlopCount:
     >>> batch_norm_flops(60, 100)
     FlopCount(statistics=24000, factorisation=300, apply=18000)
     """
-    _check_md(m, d)
-    m, d = int(m), int(d)
+    m, d = _sizes(m, d)
     return FlopCount(statistics=4 * m * d, factorisation=3 * d, apply=3 * m * d)
 
 

@@ -29,7 +29,7 @@ def test_flop_counts():
 @pytest.mark.parametrize("m, d", [(0, 3), (3, 0), (True, 3), (2.5, 3), (3, -1)])
 def test_flop_counts_reject_bad_sizes(m, d):
     for fn in (whitening_flops, batch_norm_flops):
-        with pytest.raises(ValueError, match="positive int"):
+        with pytest.raises(ValueError, match=r"must be an int >= 1"):
             fn(m, d)
 
 
