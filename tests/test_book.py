@@ -409,3 +409,56 @@ def test_no_build_tool_imported_by_a_chapter(path):
     """Colab and Binder have no myst-nb: chapters glue through bnbook.evidence, which can do without."""
     found = [line for line in _code_lines(path) if re.match(r"\s*(from|import)\s+myst_nb\b", line)]
     assert not found, f"{path}: import myst_nb directly: {found}"
+
+
+# --- cells a reader can take in at a glance --------------------------------------------------------
+CELL_LINES = 20  # code lines (blank lines not counted) of one code cell; CONTRIBUTING asks ~15
+# Cells that read better whole, by notebook and cell id, each with its reason. Keep it short.
+_FIGURE = "one figure's drawing code, hidden on the page: split, it would read worse"
+LONG_CELLS: dict[tuple[str, str], str] = {
+    ("chapters/01_why.ipynb", "537343c5"): _FIGURE,
+    ("chapters/01_why.ipynb", "0a37827f"): "the one function the histogram widget redraws",
+    ("chapters/03_neuron.ipynb", "17d8ed0f"): _FIGURE,
+    ("chapters/04_backprop.ipynb", "fd58775d"): _FIGURE,
+    ("chapters/05_inference.ipynb", "cell-032"): "the one function the momentum widget redraws",
+    ("chapters/07_benefits.ipynb", "4a049e55"): _FIGURE,
+    ("chapters/13_beyond.ipynb", "8d024db9"): _FIGURE,
+}
+
+
+def _cell_length(source: str) -> int:
+    """Non-blank lines, not counting imports: a cell's imports are a list, read at a glance."""
+    lines = sum(1 for line in source.splitlines() if line.strip())
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # IPython syntax (magics): count every line
+        return lines
+    imports = (ast.Import, ast.ImportFrom)
+    return lines - sum(n.end_lineno - n.lineno + 1 for n in tree.body if isinstance(n, imports))
+
+
+def test_cell_length_check_can_fail():
+    assert _cell_length("a = 1\n\n\nb = 2\n") == 2
+    assert _cell_length("import y\nfrom x import (\n    a,\n    b,\n)\nc = a(\n    b,\n)\n") == 3
+    assert _cell_length("\n".join(f"x{i} = {i}" for i in range(CELL_LINES + 1))) > CELL_LINES
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", TOC_NOTEBOOKS)
+def test_code_cells_are_short(path):
+    long = {
+        cell.get("id"): _cell_length(cell.source)
+        for cell in _code_cells(_read(path))
+        if _cell_length(cell.source) > CELL_LINES and (path, cell.get("id")) not in LONG_CELLS
+    }
+    assert not long, (
+        f"{path}: code cells over {CELL_LINES} lines (cell id: lines): {long}; move repeated "
+        "code into the package, split the cell, or list it in LONG_CELLS with a reason"
+    )
+
+
+def test_long_cell_allow_list_is_short_and_current():
+    assert len(LONG_CELLS) <= 10
+    for (path, cell_id), reason in LONG_CELLS.items():
+        ids = {cell.get("id") for cell in _code_cells(_read(path))}
+        assert cell_id in ids and reason, (path, cell_id)
