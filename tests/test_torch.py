@@ -14,6 +14,12 @@ from torch.autograd.gradcheck import GradcheckError
 import bnbook.autograd
 import bnbook.torch as bt
 
+# torch 2.13 deprecates torch.jit.script, which torch itself still calls inside compile and
+# forward-mode AD; the tests below check the twins, not that.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
+)
+
 TOL = dict(rtol=1e-9, atol=1e-9)
 PAIRS = {
     (2,): (bt.BatchNorm1d, nn.BatchNorm1d, (16, 5)),
