@@ -116,12 +116,15 @@ def test_spread_and_glue_formats():
 
 
 def test_glue_prefixes_keys_and_formats_ints(monkeypatch):
-    import myst_nb
+    import sys
+    import types
 
     from bnbook.evidence import glue
 
     glued = {}
-    monkeypatch.setattr(myst_nb, "glue", lambda key, text, display: glued.update({key: text}))
+    fake = types.ModuleType("myst_nb")  # the book's runtime, present or not
+    fake.glue = lambda key, text, display: glued.update({key: text})
+    monkeypatch.setitem(sys.modules, "myst_nb", fake)
     glue({"acc": "91%"}, prefix="ch", n_train=12000)
     assert glued == {"ch-acc": "91%", "ch-n-train": "12,000"}
     glue({"plain-key": "x"})
