@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 
 from bnbook._checks import DtypeError, check_channels, check_eps, check_positive_int
 from bnbook.norms_numpy import _normalize_axes
-from bnbook.torch import _memory_format, _NormBase
+from bnbook.torch import _memory_format, _NormBase, _update_running
 
 __all__ = [
     "NORM_AXES",
@@ -196,17 +196,6 @@ def group_norm(
     return y
 
 
-def _running_update(running_mean, running_var, mean, var, count, momentum) -> None:
-    """running ← (1 − momentum)·running + momentum·batch, in place; ``var`` biased over ``count``
-    values, stored unbiased (the rule of :class:`bnbook.torch._NormBase`, for the functional form)."""
-    if running_mean is None or running_var is None or count == 0:
-        return
-    with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        unbiased = var * (count / max(count - 1, 1))
-        running_var.lerp_(unbiased.to(running_var.dtype), momentum)
-
-
 def instance_norm(
     input: Tensor,
     running_mean: Tensor | None = None,
@@ -248,7 +237,7 @@ def instance_norm(
             mean = input.mean(dim=spatial)
             var = (input - mean[(...,) + (None,) * len(spatial)]).square().mean(dim=spatial)
             count = per_instance if input.shape[0] > 0 else 0
-            _running_update(running_mean, running_var, mean.mean(0), var.mean(0), count, momentum)
+            _update_running(running_mean, running_var, mean.mean(0), var.mean(0), count, momentum)
     if weight is not None:
         y = y * _per_channel(weight, input.dim())
     if bias is not None:

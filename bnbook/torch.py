@@ -182,14 +182,32 @@ def _batch_norm_train(
     if input.numel() == 0:
         return _empty_batch(input, weight, bias)
     y, mean, var = _batch_norm_function().apply(input, weight, bias, eps)
-    if running_mean is not None:
-        # running ← (1 − factor)·running + factor·batch, the variance unbiased; detached values
-        # (no graph, no forward-mode tangent) into buffers that need no gradient: no no_grad()
-        m = input.numel() // input.shape[1]
-        unbiased = var.detach() * (m / max(m - 1, 1))
-        stats = (_cast(mean.detach(), running_mean.dtype), _cast(unbiased, running_var.dtype))
-        torch._foreach_lerp_((running_mean, running_var), stats, factor)  # both in one call
+    _update_running(running_mean, running_var, mean, var, input.numel() // input.shape[1], factor)
     return y
+
+
+def _update_running(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    factor: float,
+) -> None:
+    """running ← (1 − factor)·running + factor·batch, in place and in the buffers' dtype.
+
+    ``var`` is the biased batch variance over ``count`` values per channel; the running variance
+    receives the unbiased one, var·count/(count − 1). Nothing changes without running statistics
+    or for an empty batch (``count == 0``), as in torch. The one update of every layer and
+    functional form of the package that keeps running statistics.
+    """
+    if running_mean is None or running_var is None or count == 0:
+        return
+    # detached values (no graph, no forward-mode tangent) into buffers that need no gradient:
+    # no no_grad() needed; both buffers in one call
+    unbiased = var.detach() * (count / max(count - 1, 1))
+    stats = (_cast(mean.detach(), running_mean.dtype), _cast(unbiased, running_var.dtype))
+    torch._foreach_lerp_((running_mean, running_var), stats, factor)
 
 
 def batch_norm(
@@ -477,18 +495,9 @@ class _NormBase(nn.Module):
         return float(self.momentum)
 
     def _update_running_stats(self, mean: Tensor, var: Tensor, count: int, factor: float) -> None:
-        """running ← (1 − factor)·running + factor·batch, in place and in the buffers' dtype.
-
-        ``var`` is the biased batch variance over ``count`` values per channel; the running
-        variance receives the unbiased one, var·count/(count − 1). Nothing changes for an empty
-        batch (``count == 0``), as in torch.
-        """
-        if count == 0 or not self.training or self.running_mean is None:
-            return
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
-            unbiased = var.detach() * (count / max(count - 1, 1))
-            self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        """:func:`_update_running` on this layer's buffers, in training mode only."""
+        if self.training:
+            _update_running(self.running_mean, self.running_var, mean, var, count, factor)
 
     def _forward_running(self, input: Tensor) -> Tensor:
         """Evaluation with the running statistics: one affine map per channel."""
