@@ -51,7 +51,6 @@ __all__ = [
     "eval_steps",
     "as_tensors",
     "evaluate",
-    "evaluate_stacked",
     "fit",
     "train_classifier",
     "train_stacked",
@@ -214,10 +213,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000):
     if loss_m.ndim == 0:
         return float(loss_m), float(acc_m)
     return loss_m, acc_m
-
-
-#: :func:`evaluate` of S stacked networks (the name chapters use).
-evaluate_stacked = evaluate
 
 
 @dataclass

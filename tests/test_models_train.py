@@ -22,7 +22,6 @@ from bnbook.train import (
     batches,
     eval_steps,
     evaluate,
-    evaluate_stacked,
     fit,
     sample,
     train_classifier,
@@ -331,7 +330,7 @@ def test_evaluate_stacked_restores_mode():
     x, y = toy_data()
     net = stacked_mlp(2, (12, 4), norm="batch")
     net.train()
-    loss, acc = evaluate_stacked(net, x, y)
+    loss, acc = evaluate(net, x, y)
     assert net.training and loss.shape == acc.shape == (2,)
     manual = F.cross_entropy(net.eval()(x)[1], y).item()
     assert loss[1] == pytest.approx(manual, rel=1e-6)
