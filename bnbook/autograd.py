@@ -144,25 +144,26 @@ def _channel_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return t.sum(dim=(0, 2), dtype=dtype)
 
 
-def _spatial_stats(x3: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of an (N, C, L) tensor in two passes.
+def _spatial_stats(x3: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel first-pass mean μ₁, mean residual r and biased variance of an (N, C, L) tensor,
+    in two passes; the mean is μ₁ + r (:func:`_corrected_mean`).
 
-    Never E[x²] − E[x]²: μ first, then the mean square of x − μ, a block at a time. The residual
-    Σ(x − μ), zero in exact arithmetic, measures the rounding error of μ; it corrects both μ and σ²
-    (the corrected two-pass algorithm of Chan, Golub and LeVeque), where μ is finite (an infinite
-    value makes μ infinite, as in torch, not NaN). Both come in float32 for a half-precision ``x3``
-    (x − μ is then float32 by type promotion, so no half-precision sum can overflow).
+    Never E[x²] − E[x]²: μ₁ first, then the mean square of x − μ₁, a block at a time. The residual
+    r = mean(x − μ₁), zero in exact arithmetic, measures the rounding error of μ₁; it corrects both
+    the mean and σ² (the corrected two-pass algorithm of Chan, Golub and LeVeque). All three come
+    in float32 for a half-precision ``x3`` (x − μ₁ is then float32 by type promotion, so no
+    half-precision sum can overflow). With ``out`` (of the compute dtype), x − μ₁ is left in it.
     """
     m = x3.shape[0] * x3.shape[2]
     mean = _channel_sum(x3, _compute_dtype(x3.dtype)) / m  # (1)
     residual = torch.zeros_like(mean)
     sum_sq = torch.zeros_like(mean)
     for block in _blocks(x3):
-        centered = x3[block] - mean[:, None]
+        centered = torch.sub(x3[block], mean[:, None], out=None if out is None else out[block])
         residual += _channel_sum(centered)
         sum_sq += torch.linalg.vecdot(centered, centered).sum(0)
     var = ((sum_sq - residual * residual / m) / m).clamp_(min=0)  # (2), biased
-    return _corrected_mean(mean, residual / m), var
+    return mean, residual / m, var
 
 
 def _centered_affine(
@@ -192,17 +193,18 @@ def _centered_affine(
             target.copy_(t)
 
 
-def _column_sums(t2: Tensor, scale: float = 1.0) -> Tensor:
+def _column_sums(t2: Tensor, scale: float = 1.0, blas_from: int = 1 << 20) -> Tensor:
     """Per-channel sums of an (M, C) tensor, times ``scale`` (1/M for means).
 
-    Below 2²⁰ elements (cache-resident) torch's reduction ``t2.sum(0)``; from there, a matrix–vector
-    product with a vector of ``scale``: BLAS walks the rows in memory order, 2.6× faster than
-    ``t2.sum(0)`` at (4096, 1024) (and 27× faster than a float64 ``t2.mean(0)``), one thread.
+    Below ``blas_from`` elements (2²⁰: cache-resident) torch's reduction ``t2.sum(0)``; from there,
+    a matrix–vector product with a vector of ``scale``: BLAS walks the rows in memory order, 2.6×
+    faster than ``t2.sum(0)`` at (4096, 1024) (and 27× faster than a float64 ``t2.mean(0)``), one
+    thread.
     """
-    if t2.numel() >= 1 << 20:
+    if t2.numel() >= blas_from:
         return torch.mv(t2.t(), t2.new_full((t2.shape[0],), scale))
     sums = t2.sum(0)
-    return sums if scale == 1.0 else sums.mul_(scale)
+    return sums if scale == 1.0 else sums * scale
 
 
 def _corrected_mean(mean: Tensor, residual_mean: Tensor) -> Tensor:
@@ -258,23 +260,48 @@ def _blocked_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
         y2, mean, var = _rows_forward(_as_rows(x), weight, bias, eps)
         return _from_rows(y2, x.shape), mean, var
     x3 = _as_ncl(x)
-    mean, var = _spatial_stats(x3)
+    y3 = torch.empty_like(x3)
+    direct = y3.dtype == _compute_dtype(x3.dtype)  # y can hold x − μ₁ (not for half precision)
+    mean, residual, var = _spatial_stats(x3, out=y3 if direct else None)
     # (3) and (4): y = (x − μ)·a + β, a = γ/σ per channel; x − μ first keeps float32 accurate
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
-    y3 = torch.empty_like(x3)
-    _centered_affine(y3, x3, mean, scale, bias)
+    if direct:
+        # y holds x − μ₁ already: y = (x − μ₁)·a + (β − r·a), the residual folded into the shift
+        shift = residual.nan_to_num(0.0, 0.0, 0.0) * -scale
+        if bias is not None:
+            shift += bias
+        scale, shift = scale[:, None], shift[:, None]
+        for block in _blocks(x3):
+            y3[block].mul_(scale).add_(shift)
+    mean = _corrected_mean(mean, residual)
+    if not direct:
+        _centered_affine(y3, x3, mean, scale, bias)
     return y3.view(x.shape), mean, var
+
+
+def _sum_over(t: Tensor, dims: tuple[int, ...], scale: float = 1.0) -> Tensor:
+    """Per-channel sums of ``t`` over ``dims``, times ``scale``, for the whole-tensor path.
+
+    A large (M, C) table on the CPU is summed by BLAS (:func:`_column_sums`): under
+    ``torch.compile`` the compiler's own column reduction over M ran 1.1–1.7× slower than torch's
+    eager batch norm on the dense shapes of ``bench/bench_core.py``, the matrix–vector product
+    faster than it.
+    """
+    if t.dim() == 2 and t.device.type == "cpu":
+        return _column_sums(t, scale, blas_from=1 << 18)
+    sums = t.sum(dims)
+    return sums if scale == 1.0 else sums * scale
 
 
 def _whole_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     """Equations (1)–(4) as whole-tensor operations: y, μ, σ² (biased)."""
     dims, view = _reduce_dims(x), _per_channel(x)
     xc = x.to(_compute_dtype(x.dtype))
-    mean = xc.mean(dims)  # (1)
+    mean = _sum_over(xc, dims, 1.0 / (xc.numel() // xc.shape[1]))  # (1)
     centered = xc - mean.view(view)
-    var = (centered * centered).mean(dims)  # (2), biased
+    var = _sum_over(centered * centered, dims, 1.0 / (xc.numel() // xc.shape[1]))  # (2), biased
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
@@ -302,8 +329,8 @@ def _whole_backward(x, weight, mean, var, eps, dy, dmean, dvar, needs, bias_dtyp
     if dy is not None:
         g = dy.to(cdt)
         x_hat = centered * invstd.view(view)
-        sum_dy = g.sum(dims)
-        sum_dy_xhat = (g * x_hat).sum(dims)
+        sum_dy = _sum_over(g, dims)
+        sum_dy_xhat = _sum_over(g * x_hat, dims)
         if need_dx:
             k = invstd if weight is None else invstd * weight
             # dx = γ/(m σ) (m dy − Σ dy − x̂ Σ dy x̂)
@@ -350,16 +377,25 @@ def _blocked_backward(x, weight, mean, var, eps, dy, needs, bias_dtype):
         m = dy3.shape[0] * dy3.shape[2]
         sum_dy = _channel_sum(dy3, mean.dtype)
         sum_dy_xc = torch.zeros_like(mean)
-        for block in _blocks(x3):
-            centered = x3[block] - mean[:, None]
+        # x − μ is written into dx's buffer while Σ dy·(x − μ) is taken (it is needed again below)
+        keep = need_dx and x3.dtype == mean.dtype
+        dx = torch.empty_like(x3) if keep else None
+        blocks = _blocks(x3)
+        for block in blocks:
+            centered = torch.sub(x3[block], mean[:, None], out=dx[block] if keep else None)
             sum_dy_xc += torch.linalg.vecdot(dy3[block].to(mean.dtype), centered).sum(0)
         sum_dy_xhat = sum_dy_xc * invstd
         if need_dx:
             # dx = k·dy + j·(x − μ) + h, per channel j = −k σ⁻¹ Σdy x̂ / m, h = −k Σdy / m
             j = -k * invstd * sum_dy_xhat / m
             h = -k * sum_dy / m
-            dx = torch.empty_like(x3)
-            _centered_affine(dx, x3, mean, j, h, dy3, k)
+            if keep:
+                j, h, k = j[:, None], h[:, None], k[:, None]
+                for block in blocks:
+                    dx[block].mul_(j).add_(h).addcmul_(dy3[block], k)
+            else:
+                dx = torch.empty_like(x3)
+                _centered_affine(dx, x3, mean, j, h, dy3, k)
             dx = dx.view(x.shape)
     dw = _cast(sum_dy_xhat, weight.dtype) if (need_dw and weight is not None) else None
     db = _cast(sum_dy, bias_dtype) if (need_db and bias_dtype is not None) else None
