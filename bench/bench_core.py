@@ -11,11 +11,14 @@ torch and for BLAS), one interleaved round-robin times
 and reports each contender's time over its reference's as the median of the per-round ratios,
 with their interquartile range and their lowest and highest round: in each round both saw the
 same background load, and the clock is the CPU time of this process (``bnbook.cost.cpu_times``),
-so time spent waiting for the other tenants of a shared machine does not count. The results go
-to ``bench/results/core.csv`` and the machine they were measured on (processor, instruction set,
-caches, versions, allocator settings) to ``bench/results/core_machine.json``; ch-cost reads both.
-When CUDA is available, the same contenders on the GPU go to ``core_gpu.csv``: the twin eager and
-compiled against cuDNN (``torch.nn``), and the bandwidth each achieves against a device copy.
+so time spent waiting for the other tenants of a shared machine does not count. Each processor
+keeps its own sweep: the results go to ``bench/results/core/<processor>.csv`` and the machine they
+were measured on (processor, instruction set, caches, versions, allocator settings, hashes of the
+measured modules) to ``<processor>.json`` beside it, where ``<processor>`` names the processor and
+its instruction set (:func:`sweep_name`), so a run on another CPU adds a sweep and a run on the
+same one replaces its own; ch-cost shows every stored sweep side by side. When CUDA is
+available, the same contenders on the GPU go to ``core_gpu.csv``: the twin eager and compiled
+against cuDNN (``torch.nn``), and the bandwidth each achieves against a device copy.
 
     python bench/bench_core.py                      # the sweep (several minutes: compiles)
     python bench/bench_core.py --quick --no-compile # a smoke test (seconds); writes nothing
@@ -37,6 +40,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -54,9 +58,10 @@ import bnbook.machine  # noqa: E402
 import bnbook.torch as bnt  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-CSV_PATH = RESULTS / "core.csv"
-MACHINE_PATH = RESULTS / "core_machine.json"
+SWEEPS = RESULTS / "core"  # one <processor>.csv and <processor>.json per processor
 GPU_CSV_PATH = RESULTS / "core_gpu.csv"
+#: The modules whose code a sweep measures; their hashes go into the machine file.
+MEASURED = ("numpy.py", "autograd.py", "torch.py")
 
 #: The environment the sweep runs in (unless --default-allocator): glibc's malloc serves blocks
 #: below 32 MiB (its largest mmap threshold) from its heap and never trims the heap, so freed
@@ -94,6 +99,17 @@ FIELDS = [
     "rounds",
     "target",
 ]
+
+
+def sweep_name(machine: dict[str, str]) -> str:
+    """The file name (without suffix) of a processor's sweep: its model and instruction set.
+
+    >>> sweep_name({"cpu": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512"})
+    'intel-xeon-avx512'
+    """
+    model = re.sub(r"\((r|tm)\)|\bprocessor\b|\bcpu\b", " ", machine["cpu"].lower())
+    words = re.findall(r"[a-z0-9]+", f"{model} {machine['cpu_capability'].lower()}")
+    return "-".join(words)
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -382,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     machine["threads"] = "1 (torch and BLAS)"
     machine["clock"] = "CPU time of the process, per-round ratios of interleaved calls"
     machine["load_average_at_start"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    for name in ("numpy.py", "torch.py"):  # which versions were measured
+    for name in MEASURED:  # which versions were measured
         digest = hashlib.sha256((ROOT / "bnbook" / name).read_bytes()).hexdigest()[:12]
         machine[f"sha256_{name}"] = digest
     print(f"{machine['cpu']} ({machine['cpu_capability']}), caches {machine['caches']}")
@@ -407,11 +423,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
     if args.quick:
         return
-    write_csv(CSV_PATH, rows, FIELDS)
-    MACHINE_PATH.write_text(json.dumps(machine, indent=1) + "\n")
+    csv_path = SWEEPS / f"{sweep_name(machine)}.csv"
+    SWEEPS.mkdir(parents=True, exist_ok=True)
+    write_csv(csv_path, rows, FIELDS)
+    csv_path.with_suffix(".json").write_text(json.dumps(machine, indent=1) + "\n")
     if gpu:
         write_csv(GPU_CSV_PATH, gpu, list(gpu[0]))
-    print(f"wrote {CSV_PATH.relative_to(ROOT)} and {MACHINE_PATH.relative_to(ROOT)}")
+    print(f"wrote {csv_path.relative_to(ROOT)} and its .json")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,7 @@ def test_device_path_runs_on_the_cpu():
 
 
 def test_quick_sweep_prints_and_writes_nothing(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "CSV_PATH", tmp_path / "core.csv")
+    monkeypatch.setattr(bench, "SWEEPS", tmp_path / "core")
     threads = torch.get_num_threads()
     try:
         bench.main(["--quick", "--no-compile", "--shapes", "8x4", "2x3x4x4"])
@@ -95,5 +96,20 @@ def test_quick_sweep_prints_and_writes_nothing(capsys, monkeypatch, tmp_path):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "8x4" in out and "2x3x4x4" in out and "bnbook.numpy / F.batch_norm" in out
-    assert not (tmp_path / "core.csv").exists()
+    assert not (tmp_path / "core").exists()
     assert np.isfinite(float(out.split("F.batch_norm")[1].split("x")[0].split()[-1]))
+
+
+def test_each_processor_keeps_its_own_sweep():
+    name = bench.sweep_name
+    assert name({"cpu": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512"}) == (
+        "intel-xeon-avx512"
+    )
+    assert name({"cpu": "AMD EPYC", "cpu_capability": "AVX2"}) == "amd-epyc-avx2"
+    # the same model with another instruction set is another sweep
+    assert name({"cpu": "AMD EPYC", "cpu_capability": "AVX512"}) != "amd-epyc-avx2"
+    stored = sorted(p.stem for p in bench.SWEEPS.glob("*.csv"))
+    assert stored and all((bench.SWEEPS / f"{s}.json").exists() for s in stored)
+    for stem in stored:
+        machine_file = json.loads((bench.SWEEPS / f"{stem}.json").read_text())
+        assert name(machine_file) == stem
