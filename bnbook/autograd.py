@@ -174,16 +174,21 @@ def _centered_affine(
     shift: Tensor | None = None,
     dy3: Tensor | None = None,
     k: Tensor | None = None,
+    centered: bool = False,
 ) -> None:
     """out = (x − μ)·scale + shift [+ k·dy], per channel, a block at a time (all (N, C, L)).
 
     In place in ``out`` when it has the compute dtype; for a half-precision ``out`` each block is
-    computed in float32 and rounded once.
+    computed in float32 and rounded once. With ``centered``, ``out`` (of the compute dtype) holds
+    x − μ already, written while it was reduced, and only the affine part runs.
     """
     for block in _blocks(x3):
         target = out[block]
         direct = target.dtype == mean.dtype
-        t = torch.sub(x3[block], mean[:, None], out=target if direct else None)
+        if centered:
+            t = target
+        else:
+            t = torch.sub(x3[block], mean[:, None], out=target if direct else None)
         t.mul_(scale[:, None])
         if shift is not None:
             t.add_(shift[:, None])
@@ -267,18 +272,16 @@ def _blocked_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
+    corrected = _corrected_mean(mean, residual)
     if direct:
         # y holds x − μ₁ already: y = (x − μ₁)·a + (β − r·a), the residual folded into the shift
         shift = residual.nan_to_num(0.0, 0.0, 0.0) * -scale
         if bias is not None:
             shift += bias
-        scale, shift = scale[:, None], shift[:, None]
-        for block in _blocks(x3):
-            y3[block].mul_(scale).add_(shift)
-    mean = _corrected_mean(mean, residual)
-    if not direct:
-        _centered_affine(y3, x3, mean, scale, bias)
-    return y3.view(x.shape), mean, var
+        _centered_affine(y3, x3, mean, scale, shift, centered=True)
+    else:
+        _centered_affine(y3, x3, corrected, scale, bias)
+    return y3.view(x.shape), corrected, var
 
 
 def _sum_over(t: Tensor, dims: tuple[int, ...], scale: float = 1.0) -> Tensor:
@@ -299,9 +302,10 @@ def _whole_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
     """Equations (1)–(4) as whole-tensor operations: y, μ, σ² (biased)."""
     dims, view = _reduce_dims(x), _per_channel(x)
     xc = x.to(_compute_dtype(x.dtype))
-    mean = _sum_over(xc, dims, 1.0 / (xc.numel() // xc.shape[1]))  # (1)
+    inv_m = 1.0 / (xc.numel() // xc.shape[1])
+    mean = _sum_over(xc, dims, inv_m)  # (1)
     centered = xc - mean.view(view)
-    var = _sum_over(centered * centered, dims, 1.0 / (xc.numel() // xc.shape[1]))  # (2), biased
+    var = _sum_over(centered * centered, dims, inv_m)  # (2), biased
     scale = torch.rsqrt(var + eps)
     if weight is not None:
         scale = scale * weight
@@ -379,9 +383,8 @@ def _blocked_backward(x, weight, mean, var, eps, dy, needs, bias_dtype):
         sum_dy_xc = torch.zeros_like(mean)
         # x − μ is written into dx's buffer while Σ dy·(x − μ) is taken (it is needed again below)
         keep = need_dx and x3.dtype == mean.dtype
-        dx = torch.empty_like(x3) if keep else None
-        blocks = _blocks(x3)
-        for block in blocks:
+        dx = torch.empty_like(x3) if need_dx else None
+        for block in _blocks(x3):
             centered = torch.sub(x3[block], mean[:, None], out=dx[block] if keep else None)
             sum_dy_xc += torch.linalg.vecdot(dy3[block].to(mean.dtype), centered).sum(0)
         sum_dy_xhat = sum_dy_xc * invstd
@@ -389,13 +392,7 @@ def _blocked_backward(x, weight, mean, var, eps, dy, needs, bias_dtype):
             # dx = k·dy + j·(x − μ) + h, per channel j = −k σ⁻¹ Σdy x̂ / m, h = −k Σdy / m
             j = -k * invstd * sum_dy_xhat / m
             h = -k * sum_dy / m
-            if keep:
-                j, h, k = j[:, None], h[:, None], k[:, None]
-                for block in blocks:
-                    dx[block].mul_(j).add_(h).addcmul_(dy3[block], k)
-            else:
-                dx = torch.empty_like(x3)
-                _centered_affine(dx, x3, mean, j, h, dy3, k)
+            _centered_affine(dx, x3, mean, j, h, dy3, k, centered=keep)
             dx = dx.view(x.shape)
     dw = _cast(sum_dy_xhat, weight.dtype) if (need_dw and weight is not None) else None
     db = _cast(sum_dy, bias_dtype) if (need_db and bias_dtype is not None) else None
