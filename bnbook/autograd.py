@@ -284,15 +284,44 @@ def _blocked_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     return y3.view(x.shape), corrected, var
 
 
+# Rows per group of :func:`_grouped_column_sums`: 32 rows of a 1024-channel float32 table are
+# 128 KiB, which stays in cache while the compiler's loop walks its columns.
+_GROUP_ROWS = 32
+
+
+def _grouped_column_sums(t2: Tensor, scale: float = 1.0) -> Tensor:
+    """Per-channel sums of an (M, C) table, times ``scale``, as sums of groups of rows: the form
+    ``torch.compile`` turns into a fast CPU loop.
+
+    The compiler reduces ``t2.sum(0)`` (and ``torch.mv``, which it lowers to the same loop) one
+    strip of columns at a time down all M rows: a stride of 4C bytes per step, a new cache line
+    each time (at C = 1024 a new 4 KiB page), which the processor does not fetch ahead as it does
+    consecutive addresses. Summing (M/32, 32, C) groups first keeps each strip's walk within 32
+    rows, which the next strip walks again, then adds M/32 partial sums; at (4096, 1024) the
+    compiled sum alone ran 1.4× faster, the compiled forward and backward in about half the time.
+    Rows that do not fill a group are summed on their own.
+    """
+    m, c = t2.shape
+    whole = m - m % _GROUP_ROWS
+    if whole < 2 * _GROUP_ROWS:
+        sums = t2.sum(0)
+    else:
+        sums = t2[:whole].view(whole // _GROUP_ROWS, _GROUP_ROWS, c).sum(1).sum(0)
+        if whole < m:
+            sums = sums + t2[whole:].sum(0)
+    return sums if scale == 1.0 else sums * scale
+
+
 def _sum_over(t: Tensor, dims: tuple[int, ...], scale: float = 1.0) -> Tensor:
     """Per-channel sums of ``t`` over ``dims``, times ``scale``, for the whole-tensor path.
 
-    A large (M, C) table on the CPU is summed by BLAS (:func:`_column_sums`): under
-    ``torch.compile`` the compiler's own column reduction over M ran 1.1–1.7× slower than torch's
-    eager batch norm on the dense shapes of ``bench/bench_core.py``, the matrix–vector product
-    faster than it.
+    On the CPU a dense (M, C) table is summed the way that runs fast there: under
+    ``torch.compile`` a group of rows at a time (:func:`_grouped_column_sums`), in eager mode
+    (``create_graph``, ``torch.func``) by BLAS once it is large (:func:`_column_sums`).
     """
     if t.dim() == 2 and t.device.type == "cpu":
+        if torch.compiler.is_compiling():
+            return _grouped_column_sums(t, scale)
         return _column_sums(t, scale, blas_from=1 << 18)
     sums = t.sum(dims)
     return sums if scale == 1.0 else sums * scale

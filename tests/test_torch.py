@@ -550,6 +550,26 @@ def test_torch_compile_fullgraph():
     assert int(ours.num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize(
+    "shape", [(70, 3), (100, 4), (128, 2)], ids=["two-groups-and-rest", "three-and-rest", "exact"]
+)
+def test_compiled_dense_path_sums_groups_of_rows(shape):
+    """Under ``torch.compile`` a dense table's per-channel sums are taken over groups of rows, with
+    the rows that fill no group summed apart: results, gradients and running statistics as
+    torch's (traced by AOTAutograd, run without code generation: fast)."""
+    ours, ref = bt.BatchNorm1d(shape[1]).double(), nn.BatchNorm1d(shape[1]).double()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(11)
+    x = 3.0 * torch.randn(shape, generator=gen, dtype=torch.float64) + 2
+    run_step(compiled, ref, x, torch.randn(shape, generator=gen, dtype=torch.float64))
+
+
+def test_grouped_column_sums_add_every_row():
+    t = torch.arange(1000 * 3, dtype=torch.float64).view(1000, 3)
+    for m in (1, 63, 64, 65, 97, 1000):
+        assert_close(bnbook.autograd._grouped_column_sums(t[:m], 0.5), 0.5 * t[:m].sum(0))
+
+
 def test_torch_jit_script_says_why_and_what_instead():
     with pytest.raises(RuntimeError, match="autograd.Function.*torch.compile"):
         torch.jit.script(bt.BatchNorm2d(3))
