@@ -48,8 +48,9 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast disabled for ``device_type`` while the twins compute: they choose their own dtypes.
 
-    Under ``torch.autocast`` a matrix product (``torch.linalg.vecdot`` on the CPU, ``torch.mv`` on
-    CUDA) would otherwise run in half precision and mix dtypes with the float32 statistics.
+    Under ``torch.autocast`` a matrix product (``torch.mm``, ``torch.mv`` and
+    ``torch.linalg.vecdot`` sum channels on the CPU) would otherwise run in half precision and mix
+    dtypes with the float32 statistics.
     """
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
@@ -202,12 +203,15 @@ def _column_sums(t2: Tensor, scale: float = 1.0, blas_from: int = 1 << 20) -> Te
     """Per-channel sums of an (M, C) tensor, times ``scale`` (1/M for means).
 
     Below ``blas_from`` elements (2²⁰: cache-resident) torch's reduction ``t2.sum(0)``; from there,
-    a matrix–vector product with a vector of ``scale``: BLAS walks the rows in memory order, 2.6×
-    faster than ``t2.sum(0)`` at (4096, 1024) (and 27× faster than a float64 ``t2.mean(0)``), one
-    thread.
+    a (1, M) row of ``scale`` times the table, a matrix product: BLAS walks the rows in memory
+    order, 2.6× faster than ``t2.sum(0)`` at (4096, 1024) (and 27× faster than a float64
+    ``t2.mean(0)``), one thread. A matrix product, not ``torch.mv``: ``torch.compile`` keeps a
+    matrix product as a BLAS call but lowers a matrix–vector product, like ``t2.sum(0)``, to a
+    loop of its own that walks down all M rows for each strip of columns, a stride of 4C bytes per
+    step (about 5× slower than BLAS at (4096, 1024)).
     """
     if t2.numel() >= blas_from:
-        return torch.mv(t2.t(), t2.new_full((t2.shape[0],), scale))
+        return torch.mm(t2.new_full((1, t2.shape[0]), scale), t2).view(-1)
     sums = t2.sum(0)
     return sums if scale == 1.0 else sums * scale
 
@@ -284,45 +288,17 @@ def _blocked_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     return y3.view(x.shape), corrected, var
 
 
-# Rows per group of :func:`_grouped_column_sums`: 32 rows of a 1024-channel float32 table are
-# 128 KiB, which stays in cache while the compiler's loop walks its columns.
-_GROUP_ROWS = 32
-
-
-def _grouped_column_sums(t2: Tensor, scale: float = 1.0) -> Tensor:
-    """Per-channel sums of an (M, C) table, times ``scale``, as sums of groups of rows: the form
-    ``torch.compile`` turns into a fast CPU loop.
-
-    The compiler reduces ``t2.sum(0)`` (and ``torch.mv``, which it lowers to the same loop) one
-    strip of columns at a time down all M rows: a stride of 4C bytes per step, a new cache line
-    each time (at C = 1024 a new 4 KiB page), which the processor does not fetch ahead as it does
-    consecutive addresses. Summing (M/32, 32, C) groups first keeps each strip's walk within 32
-    rows, which the next strip walks again, then adds M/32 partial sums; at (4096, 1024) the
-    compiled sum alone ran 1.4× faster, the compiled forward and backward in about half the time.
-    Rows that do not fill a group are summed on their own.
-    """
-    m, c = t2.shape
-    whole = m - m % _GROUP_ROWS
-    if whole < 2 * _GROUP_ROWS:
-        sums = t2.sum(0)
-    else:
-        sums = t2[:whole].view(whole // _GROUP_ROWS, _GROUP_ROWS, c).sum(1).sum(0)
-        if whole < m:
-            sums = sums + t2[whole:].sum(0)
-    return sums if scale == 1.0 else sums * scale
-
-
 def _sum_over(t: Tensor, dims: tuple[int, ...], scale: float = 1.0) -> Tensor:
     """Per-channel sums of ``t`` over ``dims``, times ``scale``, for the whole-tensor path.
 
-    On the CPU a dense (M, C) table is summed the way that runs fast there: under
-    ``torch.compile`` a group of rows at a time (:func:`_grouped_column_sums`), in eager mode
-    (``create_graph``, ``torch.func``) by BLAS once it is large (:func:`_column_sums`).
+    On the CPU a dense (M, C) table is summed by :func:`_column_sums`, in eager mode
+    (``create_graph``, ``torch.func``) and under ``torch.compile``: BLAS for a table beyond the
+    cache, which the compiled code calls as it is; below that the compiler fuses the reduction
+    with the operations that produce its argument, which a BLAS call would need written out in
+    full first (1.3× slower at (1024, 256)).
     """
     if t.dim() == 2 and t.device.type == "cpu":
-        if torch.compiler.is_compiling():
-            return _grouped_column_sums(t, scale)
-        return _column_sums(t, scale, blas_from=1 << 18)
+        return _column_sums(t, scale)
     sums = t.sum(dims)
     return sums if scale == 1.0 else sums * scale
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
 from torch.autograd.gradcheck import GradcheckError
 
 import bnbook.autograd
@@ -550,24 +552,27 @@ def test_torch_compile_fullgraph():
     assert int(ours.num_batches_tracked) == 1
 
 
-@pytest.mark.parametrize(
-    "shape", [(70, 3), (100, 4), (128, 2)], ids=["two-groups-and-rest", "three-and-rest", "exact"]
-)
-def test_compiled_dense_path_sums_groups_of_rows(shape):
-    """Under ``torch.compile`` a dense table's per-channel sums are taken over groups of rows, with
-    the rows that fill no group summed apart: results, gradients and running statistics as
-    torch's (traced by AOTAutograd, run without code generation: fast)."""
+def test_compiled_large_dense_table_is_summed_by_blas():
+    """Under ``torch.compile`` a dense table beyond 2**20 values is summed by a matrix product,
+    which the compiler leaves to BLAS (a matrix-vector product or ``sum(0)`` it would lower to a
+    slow loop of its own): two in each direction, with results, gradients and running statistics
+    as torch's. Traced by AOTAutograd, run without code generation (fast)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    shape = (4100, 256)  # 1,049,600 values
     ours, ref = bt.BatchNorm1d(shape[1]).double(), nn.BatchNorm1d(shape[1]).double()
-    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(ours, fullgraph=True, backend=backend)
     gen = torch.Generator().manual_seed(11)
     x = 3.0 * torch.randn(shape, generator=gen, dtype=torch.float64) + 2
     run_step(compiled, ref, x, torch.randn(shape, generator=gen, dtype=torch.float64))
-
-
-def test_grouped_column_sums_add_every_row():
-    t = torch.arange(1000 * 3, dtype=torch.float64).view(1000, 3)
-    for m in (1, 63, 64, 65, 97, 1000):
-        assert_close(bnbook.autograd._grouped_column_sums(t[:m], 0.5), 0.5 * t[:m].sum(0))
+    mm = torch.ops.aten.mm.default
+    # forward: μ and σ²; backward: Σ dy and Σ dy·x̂
+    assert [sum(n.target is mm for n in g.graph.nodes) for g in graphs] == [2, 2]
 
 
 def test_torch_jit_script_says_why_and_what_instead():
