@@ -164,7 +164,7 @@ test-lowest: $(STAMP)
 	$(LOWEST)/venv/bin/pip install --disable-pip-version-check -q torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')
 	$(LOWEST)/venv/bin/pip install --disable-pip-version-check -q . $(LOWEST_TOOLS) -c $(LOWEST)/floors.txt
 	$(LOWEST)/venv/bin/pip list --format=freeze | grep -iE '^(numpy|torch|matplotlib|ipywidgets|mlxtend|tqdm)=='
-	$(NB_ENV) $(LOWEST)/venv/bin/pytest tests -p no:cacheprovider -q --ignore=tests/test_browser.py \
+	$(NB_ENV) $(LOWEST)/venv/bin/pytest tests -p no:cacheprovider -q -n $(NBVAL_WORKERS) --ignore=tests/test_browser.py \
 	  --ignore=tests/test_book.py --ignore=tests/test_student.py
 	cd /tmp && $(CURDIR)/$(LOWEST)/venv/bin/python -c 'import bnbook; print("testing", bnbook.__file__)'
 	$(NB_ENV) BNBOOK_SEED=1 $(LOWEST)/venv/bin/python -m pytest $(NOTEBOOKS) --nbval-lax -p tests.conftest \
