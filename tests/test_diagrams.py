@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import pytest
+from matplotlib.figure import Figure
 
 from bnbook.diagrams import (
     BN_GRAPH_EDGES,
@@ -22,9 +18,9 @@ from bnbook.diagrams import (
 
 @pytest.fixture
 def ax():
-    fig, axes = plt.subplots()
-    yield axes
-    plt.close(fig)
+    # A Figure without pyplot: no global backend state, which an IPython shell created by
+    # another test in the same process would otherwise hook into.
+    return Figure().subplots()
 
 
 def test_three_paths_lead_from_the_input_to_the_normalised_value():

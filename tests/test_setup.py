@@ -30,15 +30,14 @@ def test_progress_is_quiet_under_tests(capsys):
 
 
 def test_band_checks_shapes():
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    fig, ax = plt.subplots()
+    ax = Figure().subplots()  # no pyplot: no backend or IPython hooks
     line = band(ax, [0, 1, 2], [[0, 1, 2], [1, 2, 3]], label="x")
     np.testing.assert_allclose(line.get_ydata(), [0.5, 1.5, 2.5])
     assert "2 seeds" in line.get_label()
     with pytest.raises(ValueError, match="runs must have shape"):
         band(ax, [0, 1], [[0, 1, 2]], label="x")
-    plt.close(fig)
 
 
 def test_numerical_gradient_and_relative_error():
