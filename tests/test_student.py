@@ -33,10 +33,8 @@ def _code(nb) -> list[str]:
     return [c.source for c in nb.cells if c.cell_type == "code"]
 
 
-def _execute(nb, upto: int | None = None) -> None:
-    nb = nbformat.from_dict(nb)
-    if upto is not None:
-        nb.cells = nb.cells[:upto]
+def _execute(nb) -> None:
+    """Run ``nb`` in a fresh kernel, in place: its cells get their outputs (an error's too)."""
     NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}
     ).execute()
@@ -174,11 +172,18 @@ def test_the_lab_chapters_are_marked():
 def test_student_lab_stops_at_its_first_stub(path):
     st = student.make_student(BOOK[path])
     first = next(i for i, c in enumerate(st.cells) if student.student_meta(c).get("stub"))
-    _execute(st, upto=first)  # everything before the first stub runs
+    st = nbformat.from_dict(st)  # a copy: execution writes outputs into its cells
+    st.cells = st.cells[: first + 2]  # up to the stub, then its grader (or its own use)
     with pytest.raises(CellExecutionError, match="NotImplementedError"):
-        _execute(st, upto=first + 2)  # the stub, then its grader (or its own use) stops
+        _execute(st)
+    failed = [
+        i
+        for i, c in enumerate(st.cells)
+        if any(o.output_type == "error" for o in c.get("outputs", []))
+    ]
+    assert failed and failed[0] >= first, failed  # everything before the stub ran
 
 
 @pytest.mark.parametrize("path", LABS)
 def test_completed_student_lab_runs_to_the_end(path):
-    _execute(student.fill(student.make_student(BOOK[path]), BOOK[path]))
+    _execute(nbformat.from_dict(student.fill(student.make_student(BOOK[path]), BOOK[path])))
