@@ -169,6 +169,16 @@ WIDGETS_JS = """
 """
 
 
+# Code inputs whose box scrolls sideways (lines cut off at the right edge): the longest line of each.
+SCROLLED_CODE_JS = """
+() => Array.from(document.querySelectorAll("div.cell_input pre"))
+  .filter(pre => pre.scrollWidth > pre.clientWidth + 1)
+  .map(pre => pre.textContent.split("\\n").reduce((a, b) => (b.length > a.length ? b : a), ""))
+"""
+# Laptop widths at which the page shows both sidebars: the narrowest leaves the code column least room.
+CODE_VIEWPORTS = (1200, 1280, 1366)
+
+
 def _allowed(message_text: str, url: str) -> bool:
     for text_re, url_re in ALLOWED_CONSOLE:
         if text_re.search(message_text) and (url_re is None or url_re.search(url or "")):
@@ -255,6 +265,13 @@ def test_page(page_path, server, browser):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOTS / (page_path.replace("/", "__").removesuffix(".html") + ".png")
     page.screenshot(path=str(shot), full_page=True)
+
+    # Code: every line of every code cell visible without scrolling, at common laptop widths.
+    for width in CODE_VIEWPORTS:
+        page.set_viewport_size({"width": width, "height": 900})
+        problems += [
+            f"code line cut off at {width} px: {t!r}" for t in page.evaluate(SCROLLED_CODE_JS)
+        ]
     context.close()
     assert not problems, f"{page_path}:\n  " + "\n  ".join(problems)
 
