@@ -35,11 +35,18 @@ def sanitizers() -> list[tuple[re.Pattern, str]]:
 
 def signature(cell, rules) -> list[str]:
     """What nbval compares of a cell's outputs (text of streams, errors and text data)."""
-    parts = []
+    parts, stream = [], None  # consecutive chunks of one stream are one output, as nbval sees it
     for out in cell.get("outputs", []):
         if out.get("output_type") == "stream":
-            parts.append(f"{out['name']}:{''.join(out['text'])}")
-        elif out.get("output_type") == "error":
+            text = "".join(out["text"])
+            if stream == out["name"]:
+                parts[-1] += text
+            else:
+                parts.append(f"{out['name']}:{text}")
+            stream = out["name"]
+            continue
+        stream = None
+        if out.get("output_type") == "error":
             parts.append(f"error:{out['ename']}:{out['evalue']}")
         else:
             data = out.get("data", {})
