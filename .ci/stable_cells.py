@@ -9,8 +9,8 @@ of them gets the tag `nbval-check-output`, and `make test` compares it exactly o
 any other cell loses the tag, and only its asserts are tested. Requiring both is deliberate: a
 training result can survive a small kernel perturbation on one machine and still move on another
 CPU, but an output that does not change with the random draw either is a derivation, an identity,
-a shape or a message. Cells without output, cells that deliberately raise, and cells marked
-NBVAL_IGNORE_OUTPUT are never tagged.
+a shape or a message. Cells without output, cells that deliberately raise, and cells tagged
+nbval-ignore-output are never tagged.
 """
 
 from __future__ import annotations
@@ -71,11 +71,10 @@ def retag(stored_path: str, perturbed_paths: list[str]) -> tuple[int, int]:
         if a.cell_type != "code":
             continue
         tags = [t for t in a.metadata.get("tags", []) if t != TAG]
-        src = a.source.lstrip()
         eligible = (
             a.get("outputs")
             and "raises-exception" not in tags
-            and not src.startswith("# NBVAL_IGNORE_OUTPUT")
+            and "nbval-ignore-output" not in tags
         )
         total += 1
         same = all(signature(a, rules) == signature(run.cells[i], rules) for run in runs)

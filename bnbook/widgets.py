@@ -12,7 +12,7 @@ reader with a kernel (Binder, Colab, Jupyter) moves the slider. Two cells, one d
     # cell 1 (figure metadata: caption + alt text, see CONTRIBUTING.md)
     show_default(draw, controls)
 
-    # cell 2 (first line `# NBVAL_IGNORE_OUTPUT`: widget output is not compared by nbval)
+    # cell 2 (tag `nbval-ignore-output`: widget output is not compared by nbval)
     panel = interactive_figure(draw, controls)
 
 ``tests/test_book.py`` checks that every widget output has such a figure right before it, and the

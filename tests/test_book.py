@@ -253,8 +253,8 @@ def test_every_widget_has_its_static_figure_before_it(path):
     for i, cell in enumerate(cells):
         if not any(WIDGET_VIEW in o.get("data", {}) for o in cell.outputs):
             continue
-        if not cell.source.startswith("# NBVAL_IGNORE_OUTPUT"):
-            problems.append(f"cell [{i + 1}]: a widget cell must start with # NBVAL_IGNORE_OUTPUT")
+        if "nbval-ignore-output" not in cell.metadata.get("tags", []):
+            problems.append(f"cell [{i + 1}]: a widget cell must carry the tag nbval-ignore-output")
         before = cells[i - 1] if i else None
         has_figure = before is not None and any(
             any(t in o.get("data", {}) for t in IMAGE_TYPES) for o in before.outputs
@@ -401,6 +401,14 @@ def _code_lines(path: str) -> list[str]:
 def test_code_fits_the_html_code_column(path):
     long = [line for line in _code_lines(path) if len(line) > CODE_COLUMN]
     assert not long, f"{path}: code lines wider than {CODE_COLUMN} characters: {long[:3]}"
+
+
+@needs_notebooks
+@pytest.mark.parametrize("path", TOC_NOTEBOOKS)
+def test_no_test_or_formatter_markers_in_code(path):
+    """Readers see the code: nbval's and the formatter's instructions go in tags, not comments."""
+    found = [line for line in _code_lines(path) if re.search(r"#\s*(NBVAL_|fmt:)", line)]
+    assert not found, f"{path}: tool markers in code (use cell tags): {found[:3]}"
 
 
 @needs_notebooks
