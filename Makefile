@@ -114,7 +114,7 @@ lint: $(STAMP)
 # Unit, property and parity tests of the package, its doctests, and the book-wide notebook checks.
 unit: $(STAMP)
 	$(NB_ENV) $(BIN)/pytest tests bnbook --doctest-modules --ignore=tests/test_browser.py -p no:cacheprovider \
-	  -n $(NBVAL_WORKERS)
+	  -n $(NBVAL_WORKERS) --durations=8
 
 # Every notebook re-executed in a fresh kernel (nbval, lax): a cell that raises, an assert that
 # fails, fails the test. Outputs are compared only in cells tagged nbval-check-output, the ones whose
