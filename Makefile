@@ -112,9 +112,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check bnbook tests chapters bench .ci _ext
 
 # Unit, property and parity tests of the package, its doctests, and the book-wide notebook checks.
+# A test still running after 120 s (the slowest normally take 25) gets its threads' stacks printed.
 unit: $(STAMP)
 	$(NB_ENV) $(BIN)/pytest tests bnbook --doctest-modules --ignore=tests/test_browser.py -p no:cacheprovider \
-	  -n $(NBVAL_WORKERS) --durations=8
+	  -n $(NBVAL_WORKERS) --durations=8 -o faulthandler_timeout=120
 
 # Every notebook re-executed in a fresh kernel (nbval, lax): a cell that raises, an assert that
 # fails, fails the test. Outputs are compared only in cells tagged nbval-check-output, the ones whose
