@@ -61,11 +61,17 @@ __all__ = [
 _BLOCK_ELEMENTS = 1 << 18
 
 # The algorithm is chosen by the length L of a channel's run of contiguous values (prod(spatial)).
-# From this length on, one channel of one sample is a long row: the per-channel coefficients are
-# scalars along the row, which NumPy's vector loops handle at full speed ("rows" layout). Below it
-# (dense inputs, 7x7 or 14x14 maps) rows are short and a per-row loop costs more than it computes,
-# so each sample is seen as one row of C*L values with coefficients repeated L times ("columns").
+# From this length on, one channel of one sample is a long row, summed per row through BLAS
+# ("rows" layout). Below it (dense inputs, 7x7 or 14x14 maps) rows are short and a per-row loop
+# costs more than it computes, so each sample is seen as one row of C*L values ("columns").
 _LONG_ROW = 2048
+
+# NumPy's loops over two arrays of one shape run about twice as fast as over an array and a (C, 1)
+# column broadcast along its rows. So the rows layout lays each per-channel coefficient out like one
+# sample, (C, L), when that row is small enough to stay in cache beside a block (at most this many
+# values) and there are enough samples to repay building it; otherwise it broadcasts the column.
+_COEFFICIENT_ROW_MAX = 1 << 18
+_COEFFICIENT_ROW_MIN_SAMPLES = 4
 
 
 class BNCache(NamedTuple):
@@ -200,10 +206,11 @@ def batch_norm_forward(
     Both algorithms are the corrected two-pass method: the mean from one pass, then the sums of
     x − μ and of (x − μ)² from a second (the first sum, zero in exact arithmetic, corrects the
     rounding error of the mean). They differ in how memory is walked, chosen by the length L of a
-    channel's contiguous run: for long runs, one row per channel and sample, with per-channel
-    scalars along it; for short runs and dense inputs, rows of r whole samples, with rows of
-    per-channel coefficients. Either way x − μ is written into the output and reduced while it
-    is in cache, and no array but the output is allocated.
+    channel's contiguous run: for long runs, one row per channel and sample, summed row by row;
+    for short runs and dense inputs, rows of r whole samples, summed column by column. Either way
+    the per-channel coefficients are laid out like a row (at most one sample's worth of values
+    each), x − μ is written into the output and reduced while it is in cache, and no array the
+    size of the input is allocated but the output.
 
     References
     ----------
@@ -313,22 +320,24 @@ def _rows_forward(x, x3, gamma, beta, eps) -> tuple[np.ndarray, BNCache]:
     n, c, length = x3.shape
     m = n * length
     mean = _channel_sum(x3) / m  # (1)
+    mean_row = _sample_row(mean, n, length, x3.dtype)
     y = np.empty_like(x3)
     residual = np.zeros(c, dtype=x3.dtype)
     sum_sq = np.zeros(c, dtype=x3.dtype)
     for block in _blocks(n, c * length):
-        centered = np.subtract(x3[block], mean[:, None], out=y[block])
+        centered = np.subtract(x3[block], mean_row, out=y[block])
         residual += _channel_sum(centered)
         sum_sq += np.vecdot(centered, centered).sum(axis=0)
     mean, var, invstd, scale, shift = _statistics(
         mean, residual, sum_sq, m, gamma, beta, eps, x3.dtype
     )
     # (3) and (4) applied to the x − μ already in y (subtracting μ before scaling keeps
-    # float32 accurate far from zero), per-channel scalars along each row
+    # float32 accurate far from zero)
+    scale_row, shift_row = (_sample_row(a, n, length, x3.dtype) for a in (scale, shift))
     for block in _blocks(n, c * length):
         out = y[block]
-        out *= scale[:, None]
-        out += shift[:, None]
+        out *= scale_row
+        out += shift_row
     cache = BNCache(x=x, mean=mean, var=var, invstd=invstd, gamma=gamma, eps=eps)
     return y.reshape(x.shape), cache
 
@@ -336,7 +345,7 @@ def _rows_forward(x, x3, gamma, beta, eps) -> tuple[np.ndarray, BNCache]:
 def _rows_backward(dy3, x3, cache: BNCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, c, length = x3.shape
     m = n * length
-    mean = cache.mean.astype(x3.dtype, copy=False)[:, None]
+    mean = _sample_row(cache.mean, n, length, x3.dtype)
     # Per-channel Σ dy and Σ dy·(x − μ), a block at a time, with x − μ written into the
     # output (it is needed again below); Σ dy·x̂ = σ⁻¹ · Σ dy·(x − μ).
     dx = np.empty_like(x3)
@@ -347,9 +356,18 @@ def _rows_backward(dy3, x3, cache: BNCache) -> tuple[np.ndarray, np.ndarray, np.
         centered = np.subtract(x3[block], mean, out=dx[block])
         sum_dy_xc += np.vecdot(dy3[block], centered).sum(axis=0)
     dgamma, dbeta, k, c1, c2 = _input_gradient_coefficients(cache, sum_dy, sum_dy_xc, m)
-    k, c1, c2 = (a.astype(x3.dtype, copy=False)[:, None] for a in (k, c1, c2))
+    k, c1, c2 = (_sample_row(a, n, length, x3.dtype) for a in (k, c1, c2))
     _input_gradient(dx, dy3, k, c1, c2, _blocks(n, c * length))
     return dx.reshape(cache.x.shape), dgamma, dbeta
+
+
+def _sample_row(coefficient: np.ndarray, n: int, length: int, dtype) -> np.ndarray:
+    """A per-channel (C,) vector laid out like one of ``n`` samples, (C, L), or as a (C, 1) column
+    to broadcast (see ``_COEFFICIENT_ROW_MAX``)."""
+    small = coefficient.size * length <= _COEFFICIENT_ROW_MAX
+    if not (small and n >= _COEFFICIENT_ROW_MIN_SAMPLES):
+        return coefficient.astype(dtype, copy=False)[:, None]
+    return _repeat(coefficient, 1, length, dtype).reshape(coefficient.size, length)
 
 
 # --------------------------------------------------------- short rows: per sample, C·L wide

@@ -379,14 +379,16 @@ def test_every_algorithm_matches_torch_in_float32(shape):
     ("layout", "settings"),
     [
         ("rows, blocked", {"_LONG_ROW": 1, "_BLOCK_ELEMENTS": 40}),
+        ("rows, coefficient columns broadcast", {"_LONG_ROW": 1, "_COEFFICIENT_ROW_MAX": 1}),
         ("columns, r samples a row, blocked", {"_WIDE_ROW": 32, "_BLOCK_ELEMENTS": 40}),
         ("columns, r samples a row", {"_WIDE_ROW": 32}),
     ],
 )
 @pytest.mark.parametrize("shape", [(60, 5), (12, 3, 2, 2), (16, 3, 2, 3)])
 def test_each_layout_matches_torch(monkeypatch, layout, settings, shape):
-    # Small inputs take the layout that large ones would: long per-channel rows (blocked),
-    # or tables of r whole samples a row with repeated coefficients.
+    # Small inputs take the layout that large ones would: long per-channel rows (blocked, or
+    # with (C, 1) coefficient columns as for very large samples), or tables of r whole samples
+    # a row with repeated coefficients.
     for name, value in settings.items():
         monkeypatch.setattr(bnp, name, value)
     bnp._samples_per_row.cache_clear()
