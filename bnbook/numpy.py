@@ -208,9 +208,10 @@ def batch_norm_forward(
     rounding error of the mean). They differ in how memory is walked, chosen by the length L of a
     channel's contiguous run: for long runs, one row per channel and sample, summed row by row;
     for short runs and dense inputs, rows of r whole samples, summed column by column. Either way
-    the per-channel coefficients are laid out like a row (at most one sample's worth of values
-    each), x − μ is written into the output and reduced while it is in cache, and no array the
-    size of the input is allocated but the output.
+    each per-channel coefficient of the elementwise passes is repeated along its channel, laid out
+    like one sample (a column broadcast along the rows instead, where that would be very large or
+    fewer than four samples would repay building it), x − μ is written into the output and
+    reduced while it is in cache, and no array the size of the input is allocated but the output.
 
     References
     ----------
