@@ -109,7 +109,8 @@ def seed_everything(seed: int = 0) -> None:
 def setup_notebook(seed: int = 0, threads: int = 1) -> None:
     """Make a chapter reproducible and give it the book's look.
 
-    Seeds Python, NumPy and torch with ``bnbook.seed(seed)`` (so ``BNBOOK_SEED`` moves it); turns on torch's deterministic algorithms; fixes the number of
+    Seeds Python, NumPy and torch with ``bnbook.seed(seed)`` (so ``BNBOOK_SEED`` moves it); turns on
+    torch's deterministic algorithms, ``torch.compile``'s included; fixes the number of
     threads of torch and of NumPy's BLAS (one by default, so results do not depend on the machine and
     two chapters can run side by side on two cores); sets NumPy's print precision; applies the shared
     plot style (:func:`bnbook.plotting.apply_style`); in a notebook, shows errors without tracebacks
@@ -135,7 +136,7 @@ def setup_notebook(seed: int = 0, threads: int = 1) -> None:
         threadpool_limits(threads)
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
         pass
-    torch.use_deterministic_algorithms(True)
+    _deterministic_algorithms(torch)
     seed_everything(_run_seed(seed))
     np.set_printoptions(precision=4, suppress=True, linewidth=100)
     torch.set_printoptions(precision=4, sci_mode=False, linewidth=100)
@@ -144,6 +145,24 @@ def setup_notebook(seed: int = 0, threads: int = 1) -> None:
 
     apply_style()
     _minimal_tracebacks()
+
+
+def _deterministic_algorithms(torch) -> None:
+    """``torch.use_deterministic_algorithms(True)``, without importing ``torch.compile``'s compiler.
+
+    The public function sets two flags: torch's own, and the compiler's ``deterministic`` option,
+    which it reaches by importing ``torch._inductor.config`` and with it the whole compiler stack
+    (about 3 s, in every chapter, most of which never compile). The compiler reads the same option
+    from ``TORCHINDUCTOR_DETERMINISTIC`` when it first loads, so that is set instead; torch's flag
+    is set directly. If the compiler is loaded already, or torch lacks that setter, the public
+    function does both.
+    """
+    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1"
+    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_flag is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True)
+    else:
+        set_flag(True, warn_only=False)
 
 
 def _minimal_tracebacks() -> None:

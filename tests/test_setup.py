@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import matplotlib
 import numpy as np
 import pytest
@@ -22,6 +27,20 @@ def test_setup_notebook_seeds_and_fixes_threads():
     assert matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] == PALETTE
     with pytest.raises(ValueError, match="threads"):
         bnbook.setup_notebook(threads=0)
+
+
+def test_setup_notebook_makes_compiled_code_deterministic_without_loading_the_compiler():
+    code = """if True:
+        import sys, torch, bnbook
+        bnbook.setup_notebook(seed=0)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert "torch._inductor.config" not in sys.modules  # not loaded just to set its flag
+        import torch._inductor.config
+        assert torch._inductor.config.deterministic  # ... which it has once it loads
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_DETERMINISTIC"}
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root)
 
 
 def test_progress_is_quiet_under_tests(capsys):
