@@ -136,12 +136,18 @@ def sample(x: Tensor, y: Tensor, batch_size: int, *, seeds: int | Sequence[int])
     if isinstance(seeds, int | np.integer):
         for idx in batches(len(x), batch_size, seed=int(seeds)):
             i = torch.from_numpy(idx).to(x.device)
-            yield x[i], y[i]
+            yield _rows(x, i), _rows(y, i)
         return
     orders = [batches(len(x), batch_size, seed=s) for s in seeds]
     while True:
         i = torch.from_numpy(np.stack([next(o) for o in orders])).to(x.device)  # (S, B)
-        yield x[i], y[i]
+        yield _rows(x, i), _rows(y, i)
+
+
+def _rows(t: Tensor, idx: Tensor) -> Tensor:
+    """``t[idx]`` for an index tensor ``idx`` of any shape: the same values, gathered with
+    ``index_select`` (a row copy each), several times faster than indexing with a 2-D tensor."""
+    return t.index_select(0, idx.reshape(-1)).view(*idx.shape, *t.shape[1:])
 
 
 def eval_steps(steps: int, every: int | None, *, start: bool = True) -> set[int]:

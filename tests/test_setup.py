@@ -24,6 +24,7 @@ def test_setup_notebook_seeds_and_fixes_threads():
     assert (np.random.rand(), torch.rand(1).item()) == a  # noqa: NPY002
     assert torch.get_num_threads() == 1
     assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.utils.deterministic.fill_uninitialized_memory  # a debugging aid, off
     assert matplotlib.rcParams["axes.prop_cycle"].by_key()["color"] == PALETTE
     with pytest.raises(ValueError, match="threads"):
         bnbook.setup_notebook(threads=0)
