@@ -174,6 +174,12 @@ def test_sample_gives_one_or_stacked_batches():
     xs, ys = next(sample(x, y, 4, seeds=[7, 8]))
     assert xs.shape == (2, 4, 3) and ys.shape == (2, 4)
     torch.testing.assert_close(xs[0], xb)
+    other = torch.from_numpy(next(batches(20, 4, seed=8)))
+    assert torch.equal(xs[1], x[other]) and torch.equal(ys, torch.stack([y[idx], y[other]]))
+    images = x.view(20, 1, 3, 1)  # more than one feature axis: rows are gathered whole
+    assert torch.equal(
+        next(sample(images, y, 4, seeds=[7, 8]))[0], images[torch.stack([idx, other])]
+    )
 
 
 def test_eval_steps():
